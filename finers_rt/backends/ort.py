@@ -1,0 +1,82 @@
+"""ONNX Runtime backend: one InferenceSession per graph, numpy in, numpy out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from finers_rt.config import BackendOptions
+from finers_rt.errors import ArtifactError, EngineProfileError, InputError
+from finers_rt.manifest import TensorSpec
+
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8", "tensor(bool)": "bool",
+}
+
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def _spec(arg) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape)
+    return TensorSpec(arg.name, _ORT_TYPES.get(arg.type, "float32"), shape)
+
+
+def session_options(options: BackendOptions) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if options.intra_op_threads is not None:
+        so.intra_op_num_threads = int(options.intra_op_threads)
+    so.inter_op_num_threads = int(options.inter_op_threads)
+    so.log_severity_level = 3
+    return so
+
+
+class OrtBackend:
+    """A graph on ONNX Runtime. `run` takes and returns numpy arrays keyed by tensor name."""
+
+    def __init__(self, path: str | os.PathLike, options: BackendOptions | None = None):
+        self.options = options or BackendOptions()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ArtifactError(f"graph file {self.path} is missing")
+        wanted = _PROVIDERS.get(self.options.device)
+        if wanted is None:
+            raise InputError(f"unknown device '{self.options.device}' for the ort backend "
+                             f"(expected one of {sorted(_PROVIDERS)})")
+        available = ort.get_available_providers()
+        if wanted[0] not in available:
+            raise EngineProfileError(
+                f"device '{self.options.device}' needs ONNX Runtime's {wanted[0]}, which this "
+                f"onnxruntime build lacks (available: {available}); install the 'gpu' extra "
+                "(onnxruntime-gpu) on a machine with an NVIDIA GPU")
+        try:
+            self.session = ort.InferenceSession(str(self.path), session_options(self.options),
+                                                providers=[p for p in wanted if p in available])
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ArtifactError(f"{self.path}: ONNX Runtime cannot load this graph: "
+                                f"{str(exc).splitlines()[0][:300]}") from None
+        self.input_specs = [_spec(a) for a in self.session.get_inputs()]
+        self.output_specs = [_spec(a) for a in self.session.get_outputs()]
+        self._output_names = [s.name for s in self.output_specs]
+
+    def run(self, feeds: dict[str, np.ndarray],
+            output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        names = output_names or self._output_names
+        outputs = self.session.run(names, feeds)
+        return dict(zip(names, outputs))
+
+    def io_binding(self) -> ort.IOBinding:
+        """An IOBinding for callers that bind preallocated output buffers (decode loop)."""
+        return self.session.io_binding()
+
+    def run_with_binding(self, binding: ort.IOBinding) -> None:
+        self.session.run_with_iobinding(binding)
