@@ -35,6 +35,30 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_cal
 # ---- commands: each helper section below is self-contained ----------------------------------
 
 
+# -- score (finers_rt.metrics) --
+@app.command("score")
+def score_cmd(
+    annotations: str = typer.Argument(..., help="FineRS annotation JSON ({'annotations': [...]})."),
+    predictions: str = typer.Argument(..., help="Predictions JSON ({'predictions': [...]})."),
+    images: str = typer.Option(..., "--images", help="Folder the annotations' image_path is relative to."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Score predictions with the official FineRS metrics (gIoU/cIoU, QA accuracy, region recall)."""
+    import json
+
+    from finers_rt.metrics import render_score_tables, score_files
+
+    result = score_files(annotations, predictions, images)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    from rich.console import Console
+
+    console = Console()
+    for table in render_score_tables(result):
+        console.print(table)
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning FinersError into a clean message."""
     try:

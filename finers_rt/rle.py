@@ -57,7 +57,11 @@ def _counts_to_string(counts: np.ndarray) -> str:
 def _string_to_counts(s: str | bytes) -> np.ndarray:
     """Decompress a pycocotools counts string into run lengths int64 [R] (vectorised
     rleFrString). Raises InputError on characters out of range or a truncated last count."""
-    raw = s.encode("ascii", errors="replace") if isinstance(s, str) else bytes(s)
+    try:
+        raw = s.encode("ascii") if isinstance(s, str) else bytes(s)
+    except UnicodeEncodeError as exc:
+        raise InputError(f"corrupt RLE counts string: non-ASCII character at offset "
+                         f"{exc.start}") from None
     c = np.frombuffer(raw, np.uint8).astype(np.int64) - 48
     if c.size == 0:
         return np.zeros(0, np.int64)
