@@ -118,9 +118,12 @@ def _check_size(rle: Mapping[str, Any]) -> tuple[int, int]:
 
 def rle_counts(rle: Mapping[str, Any]) -> np.ndarray:
     """Run lengths int64 [R] of a COCO RLE (compressed string/bytes or uncompressed list)."""
-    if not isinstance(rle, Mapping) or "counts" not in rle or "size" not in rle:
+    if not isinstance(rle, Mapping):
         raise InputError(f"RLE must be an object with 'size' and 'counts', got "
-                         f"{type(rle).__name__}{' keys ' + str(sorted(rle)) if isinstance(rle, Mapping) else ''}")
+                         f"{type(rle).__name__}")
+    if "counts" not in rle or "size" not in rle:
+        raise InputError(f"RLE must be an object with 'size' and 'counts', got keys "
+                         f"{sorted(rle)}")
     h, w = _check_size(rle)
     raw = rle["counts"]
     if isinstance(raw, (str, bytes)):
@@ -143,8 +146,8 @@ def rle_counts(rle: Mapping[str, Any]) -> np.ndarray:
 
 def decode_mask(rle: Mapping[str, Any]) -> np.ndarray:
     """Decode a COCO RLE into a bool mask [h, w] (row-major array)."""
-    h, w = _check_size(rle) if isinstance(rle, Mapping) else (0, 0)
     counts = rle_counts(rle)
+    h, w = _check_size(rle)
     values = np.zeros(counts.size, dtype=bool)
     values[1::2] = True
     flat = np.repeat(values, counts)
