@@ -1,0 +1,165 @@
+"""Image loading edge cases and Qwen2.5-VL preprocessing vs the slow HF processor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finers_rt.errors import InputError
+from finers_rt.image import (VisionPreprocessConfig, check_min_size, load_image, preprocess_for_stage,
+                             preprocess_image, resize_for_stage, smart_resize)
+
+
+def _gradient(height: int, width: int) -> np.ndarray:
+    """[H, W, 3] uint8 with distinct values per row, column and channel (no symmetry)."""
+    rows = np.arange(height, dtype=np.int64)[:, None]
+    cols = np.arange(width, dtype=np.int64)[None, :]
+    return np.stack([(rows * 7 + cols * 3) % 256, (rows * 2 + cols * 11) % 256,
+                     (rows * cols) % 256], axis=2).astype(np.uint8)
+
+
+# ---- preprocessing parity ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("height,width,max_pixels", [
+    (37, 91, 12845056), (333, 517, 12845056), (601, 403, 200000), (20, 30, 100000),
+    (513, 511, 12845056), (1080, 1920, 12845056)])
+def test_pixel_values_equal_slow_hf_processor(height, width, max_pixels):
+    transformers = pytest.importorskip("transformers")
+    image = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    processor = transformers.Qwen2VLImageProcessor(min_pixels=3136, max_pixels=max_pixels)
+    reference = processor(images=[image], return_tensors="np")
+    pixel_values, grid_thw = preprocess_image(image, VisionPreprocessConfig(min_pixels=3136, max_pixels=max_pixels))
+    assert pixel_values.dtype == np.float32
+    assert grid_thw == tuple(int(v) for v in reference["image_grid_thw"][0])
+    assert pixel_values.shape == reference["pixel_values"].shape
+    assert np.abs(pixel_values - reference["pixel_values"]).max() == 0.0
+
+
+def test_smart_resize_matches_hf_and_bounds():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
+
+    for height, width in [(1080, 1920), (512, 512), (7, 1300), (4000, 3000), (29, 57)]:
+        for max_pixels in (12845056, 1003520, 50000):
+            ours = smart_resize(height, width, 28, 3136, max_pixels)
+            assert ours == hf_smart_resize(height, width, 28, 3136, max_pixels)
+            assert ours[0] % 28 == 0 and ours[1] % 28 == 0 and ours[0] * ours[1] <= max_pixels
+    with pytest.raises(InputError, match="aspect ratio"):
+        smart_resize(10, 2500)
+
+
+def test_stage_resize_is_pil_bilinear_exact_size():
+    image = _gradient(700, 1000)
+    stage = resize_for_stage(image, (512, 512))
+    assert stage.shape == (512, 512, 3) and stage.dtype == np.uint8
+    expected = np.asarray(Image.fromarray(image).resize((512, 512), Image.Resampling.BILINEAR))
+    assert np.array_equal(stage, expected)
+    pixel_values, grid_thw = preprocess_for_stage(image, (1920, 1080))
+    assert grid_thw == (1, 78, 138) and pixel_values.shape == (10764, 1176)
+
+
+def test_patch_order_groups_merge_windows():
+    """Patch k of merge window (bh, bw) holds the pixels of patch (2*bh + k//2, 2*bw + k%2)."""
+    config = VisionPreprocessConfig()
+    image = _gradient(56, 84)  # 4 x 6 patches of 14 -> 2 x 3 merge windows
+    pixel_values, grid_thw = preprocess_image(image, config)
+    lut = ((np.arange(256) / 255.0).astype(np.float32)[None] - np.float32(config.image_mean)[:, None]) \
+        / np.float32(config.image_std)[:, None]
+    window, inner = 1 * 3 + 2, 3  # window (bh=1, bw=2), inner patch (mh=1, mw=1)
+    row, col = (2 * 1 + 1) * 14, (2 * 2 + 1) * 14
+    patch = pixel_values[window * 4 + inner].reshape(3, 2, 14, 14)
+    for channel in range(3):
+        expected = lut[channel][image[row:row + 14, col:col + 14, channel]]
+        assert np.array_equal(patch[channel, 0], expected) and np.array_equal(patch[channel, 1], expected)
+
+
+def test_config_rejects_unknown_resample():
+    with pytest.raises(InputError, match="did you mean 'bicubic'"):
+        VisionPreprocessConfig(resample="bicubc")
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = _gradient(40, 60)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(image).save(path, quality=100, exif=exif)
+    loaded = load_image(path)
+    assert loaded.shape == (60, 40, 3)
+    with Image.open(path) as raw:  # decoded pixels as stored, orientation not applied
+        stored = np.asarray(raw.convert("RGB"))
+    assert stored.shape == (40, 60, 3)
+    assert np.array_equal(loaded, np.rot90(stored, k=-1))  # orientation 6 = rotate 90 clockwise
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "1"])
+def test_modes_become_rgb_uint8(tmp_path, mode):
+    rgb = Image.fromarray(_gradient(30, 50))
+    converted = rgb.convert(mode)
+    path = tmp_path / f"img_{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+    converted.save(path)
+    loaded = load_image(path)
+    assert loaded.shape == (30, 50, 3) and loaded.dtype == np.uint8
+    if mode in ("L", "LA", "1"):
+        assert np.array_equal(loaded[:, :, 0], loaded[:, :, 1])
+    if mode == "RGBA":
+        assert np.array_equal(loaded, _gradient(30, 50))
+
+
+def test_16bit_grayscale_is_scaled_not_clipped(tmp_path):
+    values = (np.arange(64 * 32, dtype=np.uint32).reshape(32, 64) * 32).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    loaded = load_image(path)
+    assert loaded.shape == (32, 64, 3)
+    expected = np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(loaded[:, :, 0], expected)
+    assert loaded.max() > 200  # clipping at 255 would saturate; dropping the scale would wrap
+
+
+def test_missing_empty_text_and_truncated_files(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_image(tmp_path / "nope.png")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        load_image(empty)
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not a picture\n" * 20)
+    with pytest.raises(InputError, match="not an image"):
+        load_image(text)
+    good = tmp_path / "good.png"
+    Image.fromarray(_gradient(200, 200)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(InputError, match="truncated"):
+        load_image(truncated)
+    with pytest.raises(InputError, match="not a file"):
+        load_image(tmp_path)
+
+
+def test_array_inputs():
+    image = _gradient(10, 12)
+    assert load_image(image) is image  # contiguous HxWx3 uint8: no copy
+    assert load_image(image[:, :, 0]).shape == (10, 12, 3)
+    rgba = np.concatenate([image, np.full((10, 12, 1), 7, np.uint8)], axis=2)
+    assert np.array_equal(load_image(rgba), image)
+    with pytest.raises(InputError, match=r"uint8.*\(10, 12, 3\) float32"):
+        load_image(image.astype(np.float32))
+    with pytest.raises(InputError, match=r"\(10, 12, 2\)"):
+        load_image(image[:, :, :2])
+    with pytest.raises(InputError, match="no pixels"):
+        load_image(np.zeros((0, 5, 3), np.uint8))
+    with pytest.raises(InputError, match="file path"):
+        load_image(12)
+
+
+def test_check_min_size_says_the_size():
+    check_min_size(_gradient(30, 40), (40, 30))
+    with pytest.raises(InputError, match=r"40x30 \(WxH\).*64x64"):
+        check_min_size(_gradient(30, 40), (64, 64))
