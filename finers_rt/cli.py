@@ -59,6 +59,30 @@ def score_cmd(
         console.print(table)
 
 
+# -- export sam (finers_rt.export.sam) --
+@export_app.command("sam")
+def export_sam_cmd(
+    checkpoint: str = typer.Argument(..., help="segment-anything state dict (.pth)."),
+    out_dir: str = typer.Argument(..., help="SAM folder to write (image_encoder.onnx, mask_decoder.onnx, manifest.json)."),
+    model_type: str = typer.Option("vit_b", "--model-type", help="Preset: vit_b, vit_l or vit_h."),
+    config: str = typer.Option(None, "--config", help="JSON file overriding preset sizes (small SAMs); see finers_rt/export/sam_configs.py."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR."),
+) -> None:
+    """Export a SAM checkpoint to ONNX, validated against SamPredictor before writing."""
+    try:
+        from finers_rt.export.sam import export_sam
+    except ImportError as exc:
+        from finers_rt.errors import MissingExtraError
+
+        raise MissingExtraError("export", exc.name or "torch", "finers-rt export sam") from None
+    manifest = export_sam(checkpoint, out_dir, model_type=model_type, config_path=config,
+                          force=force, log=typer.echo)
+    v = manifest.validation
+    typer.echo(f"SAM {manifest.model_type} (S={manifest.image_size}) -> {out_dir}: "
+               f"score err {v['score_max_abs_err']:.2g}, mask pixels differing "
+               f"{v['mask_diff_pixels']} ({v['mask_max_diff_fraction']:.2g})")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning FinersError into a clean message."""
     try:
