@@ -83,6 +83,94 @@ def export_sam_cmd(
                f"{v['mask_diff_pixels']} ({v['mask_max_diff_fraction']:.2g})")
 
 
+# ---- infer / eval (pipeline) -------------------------------------------------------------------
+
+_QTYPES = "referring|reasoning|option"
+
+
+def _backend_options(threads: int | None, device: str):
+    from finers_rt.config import BackendOptions
+
+    return BackendOptions(device=device, intra_op_threads=threads)
+
+
+@app.command("infer")
+def infer_cmd(
+    image: str = typer.Argument(..., help="Image file (any format pillow reads)."),
+    instruction: str = typer.Argument(..., help="What to find or ask, e.g. 'the red pen'."),
+    model: str = typer.Option(None, "--model", help="Bundle folder (default: the shipped finers-tiny)."),
+    qtype: str = typer.Option("referring", "--type", help=f"Question type: {_QTYPES}."),
+    options: str = typer.Option(None, "--options", help="Options for --type option, e.g. '(A) red (B) blue'."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: str = typer.Option(None, "--out", help="Folder for mask.png and overlay.png."),
+    force: bool = typer.Option(False, "--force", help="Overwrite mask.png / overlay.png in --out."),
+    max_extra_crops: int = typer.Option(4, "--max-extra-crops", help="Extra crops to try when GSE/LPR miss (0 = reference behaviour)."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Cap on generated tokens per stage."),
+    threads: int = typer.Option(None, "--threads", help="Intra-op threads per graph (default: ORT's choice)."),
+    device: str = typer.Option("cpu", "--device", help="cpu|cuda|tensorrt (ONNX Runtime execution provider)."),
+) -> None:
+    """Find the target in IMAGE, answer the question, write the mask and an overlay."""
+    import json as _json
+
+    from finers_rt.image import load_image
+    from finers_rt.pipeline import Pipeline
+
+    pixels = load_image(image)
+    pipe = Pipeline.load(model, _backend_options(threads, device), max_extra_crops=max_extra_crops)
+    result = pipe.run(pixels, instruction, question_type=qtype, options=options,
+                      max_new_tokens=max_new_tokens)
+    summary = result.to_json()
+    if out is not None:
+        from finers_rt.overlay import write_outputs
+
+        summary["files"] = write_outputs(out, pixels, result, overwrite=force)
+    if as_json:
+        typer.echo(_json.dumps(summary))
+        return
+    typer.echo(f"answer:  {result.answer or '(none)'}")
+    typer.echo(f"found:   {result.found}   (path: {result.path})")
+    typer.echo(f"box:     {summary['bbox_xyxy']}")
+    typer.echo(f"points:  {summary['points_xy']}")
+    typer.echo(f"region:  {summary['region_xyxy']}")
+    typer.echo(f"mask:    {result.mask_area} px")
+    typer.echo("time:    " + ", ".join(f"{k} {v:.0f}" for k, v in result.timings_ms.items()
+                                       if k.endswith("_ms")))
+    for name, path in summary.get("files", {}).items():
+        typer.echo(f"wrote:   {path}")
+
+
+@app.command("eval")
+def eval_cmd(
+    data_dir: str = typer.Argument(..., help="FineRS-4k-format folder: annotations.json + images/."),
+    model: str = typer.Option(None, "--model", help="Bundle folder (default: the shipped finers-tiny)."),
+    out: str = typer.Option(None, "--out", help="Write predictions (the `score` format) here."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N annotations."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    max_extra_crops: int = typer.Option(4, "--max-extra-crops", help="Extra crops to try when GSE/LPR miss (0 = reference behaviour)."),
+    threads: int = typer.Option(None, "--threads", help="Intra-op threads per graph."),
+    device: str = typer.Option("cpu", "--device", help="cpu|cuda|tensorrt."),
+) -> None:
+    """Run the pipeline over a dataset folder, write predictions, print the official metrics."""
+    import json as _json
+
+    from rich.console import Console
+
+    from finers_rt.evaluation import evaluate_folder
+    from finers_rt.metrics import render_score_tables
+    from finers_rt.pipeline import Pipeline
+
+    pipe = Pipeline.load(model, _backend_options(threads, device), max_extra_crops=max_extra_crops)
+    result = evaluate_folder(pipe, data_dir, out_path=out, limit=limit, overwrite=force,
+                             progress=not as_json)
+    if as_json:
+        typer.echo(_json.dumps(result))
+        return
+    console = Console()
+    for table in render_score_tables(result):
+        console.print(table)
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning FinersError into a clean message."""
     try:
