@@ -1,0 +1,67 @@
+"""ONNX graph files of a stage: one `.onnx` (+ one `.onnx.data` when weights exceed 2 GB) and
+the manifest's `GraphSpec` read back from the file itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx.external_data_helper import uses_external_data
+
+from finers_rt.manifest import GraphSpec, TensorSpec, file_sha256
+
+# Keep a graph self-contained below this size; protobuf cannot hold more than 2 GB.
+INLINE_LIMIT_BYTES = 1_800_000_000
+
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool",
+}
+
+
+def _external_locations(model: onnx.ModelProto) -> set[str]:
+    locations = set()
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    return locations
+
+
+def consolidate_external_data(path: Path) -> None:
+    """Make `path` either self-contained (small) or `path` + ONE `path.name + '.data'` file.
+
+    The TorchScript exporter writes one file per tensor for > 2 GB models; those are merged and
+    removed here. Weights are loaded once (one extra copy in RAM at most while rewriting).
+    """
+    path = Path(path)
+    header = onnx.load(str(path), load_external_data=False)
+    stray = _external_locations(header) - {path.name + ".data"}
+    if not stray and path.stat().st_size < INLINE_LIMIT_BYTES:
+        return
+    del header
+    model = onnx.load(str(path), load_external_data=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    for name in stray:
+        (path.parent / name).unlink(missing_ok=True)
+
+
+def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    ttype = value.type.tensor_type
+    shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                  for d in ttype.shape.dim)
+    return TensorSpec(name=value.name, dtype=_ONNX_DTYPES[ttype.elem_type], shape=shape)
+
+
+def graph_spec(path: Path) -> GraphSpec:
+    """The interface (names, dtypes, int/dim-name shapes) and sha256 of the graph file `path`."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    init_names = {t.name for t in model.graph.initializer}
+    inputs = tuple(_tensor_spec(v) for v in model.graph.input if v.name not in init_names)
+    outputs = tuple(_tensor_spec(v) for v in model.graph.output)
+    return GraphSpec(file=path.name, inputs=inputs, outputs=outputs, sha256=file_sha256(path))

@@ -1,0 +1,176 @@
+"""Parity of exported VLM graphs against the HF torch reference, before anything is published.
+
+One real chat prompt with an image (a synthetic image at the stage size, a FineRS prompt):
+vision embeddings vs HF's vision tower; prefill logits and K/V vs HF's forward; several decode
+steps that feed the ORT decoder its own K/V and its own greedy tokens, logits vs HF with HF's
+cache on the same tokens; greedy tokens vs HF `generate`. Errors are max absolute differences;
+a miss raises `ExportParityError(graph, output, error, tolerance)`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from finers_rt.errors import ExportParityError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Max absolute errors allowed per precision (image_embeds, logits, K/V)."""
+
+    image_embeds: float
+    logits: float
+    kv: float
+
+
+# fp32 stays tight: top-2 logit margins of random models can be ~2e-3, so a looser bound would
+# let greedy tokens flip silently. Quantized decoders are judged loosely + token agreement.
+TOLERANCES = {
+    "fp32": Tolerance(image_embeds=1e-3, logits=1e-3, kv=1e-3),
+    "int8": Tolerance(image_embeds=1e-3, logits=2.0, kv=1.0),
+    "int4": Tolerance(image_embeds=1e-3, logits=4.0, kv=2.0),
+}
+
+
+@dataclass
+class ParityInputs:
+    """The reference prompt: processor outputs for one image + text chat turn."""
+
+    input_ids: torch.Tensor  # [1, S] int64
+    attention_mask: torch.Tensor  # [1, S] int64
+    pixel_values: torch.Tensor  # [num_patches, 1176] float32
+    image_grid_thw: torch.Tensor  # [1, 3] int64
+
+
+def _check(graph: str, output: str, error: float, tol: float, detail: str = "") -> float:
+    if not np.isfinite(error) or error > tol:
+        raise ExportParityError(graph, output, error, tol, detail)
+    return float(error)
+
+
+def _additive_mask(seq: int, past: int) -> np.ndarray:
+    """Causal additive mask [1, 1, seq, past+seq]: 0 where attended, finfo.min elsewhere."""
+    mask = np.full((seq, past + seq), np.finfo(np.float32).min, dtype=np.float32)
+    for i in range(seq):
+        mask[i, : past + i + 1] = 0.0
+    return mask[None, None]
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: list[int], penalty: float) -> np.ndarray:
+    """HF `RepetitionPenaltyLogitsProcessor` on one row: logits [V] float32, seen token ids."""
+    if penalty == 1.0:
+        return logits
+    out = logits.copy()
+    ids = np.unique(np.asarray(seen, dtype=np.int64))
+    vals = out[ids]
+    out[ids] = np.where(vals < 0, vals * penalty, vals / penalty)
+    return out
+
+
+def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) [B, KV, T, D] of layer `layer` from an HF cache object."""
+    entry = cache.layers[layer]
+    return entry.keys, entry.values
+
+
+def check_vision(vision_session, model, inputs: ParityInputs, tol: Tolerance) -> tuple[np.ndarray, float]:
+    """Run the ORT vision graph; return (image_embeds [N, H], max abs error vs HF)."""
+    embeds = vision_session.run(None, {"pixel_values": inputs.pixel_values.numpy()})[0]
+    with torch.no_grad():
+        ref = model.model.visual(inputs.pixel_values, grid_thw=inputs.image_grid_thw)
+    ref = getattr(ref, "pooler_output", ref).numpy()
+    if embeds.shape != ref.shape:
+        raise ExportParityError("vision", "image_embeds", float("inf"), tol.image_embeds,
+                                f"shape {embeds.shape} != reference {ref.shape}")
+    err = float(np.abs(embeds - ref).max())
+    return embeds, _check("vision", "image_embeds", err, tol.image_embeds)
+
+
+def _ort_prefill(decoder_session, num_layers, kv_shape, embeds, position_ids):
+    seq = embeds.shape[1]
+    feeds = {"inputs_embeds": embeds, "position_ids": position_ids,
+             "attention_mask": _additive_mask(seq, 0)}
+    empty = np.zeros((1, 0, *kv_shape), dtype=np.float32)
+    for i in range(num_layers):
+        feeds[f"past_key_{i}"] = empty
+        feeds[f"past_value_{i}"] = empty
+    return decoder_session.run(None, feeds)
+
+
+def check_decoder(decoder_session, model, inputs: ParityInputs, image_embeds: np.ndarray,
+                  embed_tokens: np.ndarray, steps: int, penalty: float, tol: Tolerance) -> dict:
+    """Prefill + `steps` decode steps on ORT vs HF. Returns measured errors and the ORT tokens."""
+    cfg = model.config.text_config
+    layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    ids = inputs.input_ids[0].numpy()
+    embeds = embed_tokens[ids].astype(np.float32)[None]  # [1, S, H]
+    embeds[0, ids == model.config.image_token_id] = image_embeds
+    with torch.no_grad():
+        pos, deltas = model.model.get_rope_index(inputs.input_ids, inputs.image_grid_thw, None,
+                                                 inputs.attention_mask)
+        ref = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                    pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw,
+                    use_cache=True)
+    outs = _ort_prefill(decoder_session, layers, (kv_heads, head_dim), embeds, pos.numpy())
+    result = {"prefill_logits_max_abs_err": _check(
+        "decoder", "logits", float(np.abs(outs[0] - ref.logits[:, -1].numpy()).max()), tol.logits,
+        "prefill")}
+    kv_err = 0.0
+    for i in range(layers):
+        ref_k, ref_v = _layer_kv(ref.past_key_values, i)
+        for name, got, want in ((f"new_key_{i}", outs[1 + 2 * i], ref_k), (f"new_value_{i}", outs[2 + 2 * i], ref_v)):
+            err = float(np.abs(got - want.transpose(1, 2).numpy()).max())
+            kv_err = max(kv_err, _check("decoder", name, err, tol.kv, "prefill"))
+    result["prefill_kv_max_abs_err"] = kv_err
+    result.update(_decode_loop(decoder_session, model, outs, ref.past_key_values, ids, embed_tokens,
+                               int(deltas.reshape(-1)[0]), steps, penalty, tol))
+    return result
+
+
+def _decode_loop(session, model, outs, ref_cache, ids, embed_tokens, delta, steps, penalty, tol):
+    """Greedy decode on ORT with its own cache and tokens; HF follows the same tokens."""
+    layers = model.config.text_config.num_hidden_layers
+    cache = [np.concatenate([o], axis=1) for o in outs[1:]]  # [1, T, KV, D] per K/V
+    logits, seen, tokens, max_err = outs[0][0], list(ids.tolist()), [], 0.0
+    total = len(ids)
+    for step in range(steps):
+        token = int(np.argmax(apply_repetition_penalty(logits, seen, penalty)))
+        tokens.append(token)
+        seen.append(token)
+        position = np.full((3, 1, 1), total + delta, dtype=np.int64)
+        feeds = {"inputs_embeds": embed_tokens[[token]].astype(np.float32)[None],
+                 "position_ids": position, "attention_mask": _additive_mask(1, total)}
+        for i in range(layers):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache[2 * i], cache[2 * i + 1]
+        outs = session.run(None, feeds)
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([[token]]), past_key_values=ref_cache,
+                        attention_mask=torch.ones(1, total + 1, dtype=torch.long),
+                        position_ids=torch.from_numpy(position),
+                        cache_position=torch.tensor([total]), use_cache=True)
+        ref_cache = ref.past_key_values
+        err = float(np.abs(outs[0] - ref.logits[:, -1].numpy()).max())
+        max_err = max(max_err, _check("decoder", "logits", err, tol.logits, f"decode step {step + 1}"))
+        cache = [np.concatenate([c, n], axis=1) for c, n in zip(cache, outs[1:])]
+        logits, total = outs[0][0], total + 1
+    tokens.append(int(np.argmax(apply_repetition_penalty(logits, seen, penalty))))
+    return {"decode_logits_max_abs_err": max_err, "decode_steps_checked": steps, "tokens": tokens}
+
+
+def reference_greedy_tokens(model, inputs: ParityInputs, num_tokens: int) -> list[int]:
+    """HF `generate` greedy tokens (applies the checkpoint's generation_config, e.g. repetition
+    penalty); eos is disabled so exactly `num_tokens` come back."""
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
+    config.do_sample, config.max_new_tokens = False, num_tokens
+    config.top_k = config.top_p = config.temperature = None
+    with torch.no_grad():
+        out = model.generate(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                             pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw,
+                             generation_config=config)
+    return out[0, inputs.input_ids.shape[1]:].tolist()
