@@ -67,8 +67,8 @@ def is_box_inside_region(box_xyxy: Sequence[float], region_xyxy: Sequence[float]
 def check_box_xyxy(box: Any, what: str) -> tuple[float, float, float, float]:
     """Validate a box [x1, y1, x2, y2] of finite numbers with x1 <= x2 and y1 <= y2."""
     ok = (isinstance(box, (list, tuple)) and len(box) == 4
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                  for v in box))
+          and all(isinstance(v, (int, float, np.integer, np.floating))
+                  and not isinstance(v, (bool, np.bool_)) and math.isfinite(v) for v in box))
     if not ok:
         raise InputError(f"{what} must be [x1, y1, x2, y2] with 4 finite numbers, got {box!r}")
     x1, y1, x2, y2 = (float(v) for v in box)
@@ -152,10 +152,18 @@ class MetricAccumulator:
         (x1, y1, x2, y2) in original image pixels (None = no region).
         """
         where = f"annotation {annotation.index}"
+        if response is not None and not isinstance(response, str):
+            raise InputError(f"{where}: response must be a string, got {type(response).__name__}")
+        region = (None if region_xyxy is None
+                  else check_box_xyxy(list(region_xyxy), f"{where}: region_xyxy"))
         size_wh = tuple(size_wh) if size_wh is not None else self.size_wh_of(annotation)
         gt = gt_mask(annotation, size_wh=size_wh)  # [H, W] bool
         inter, union = _intersection_union(pred_mask, gt, where)
         iou = inter / (union + IOU_EPS) + (1.0 if union == 0 else 0.0)
+        correct = _answer_correct(annotation, response)
+        gt_box = mask_bbox_xyxy(gt) if region is not None else None
+        hit = gt_box is not None and is_box_inside_region(gt_box, region)
+        # every check passed: only now touch the running sums
         bucket = annotation.size_bucket
         for key in (bucket, "all"):
             sums = self._seg[key]
@@ -163,31 +171,15 @@ class MetricAccumulator:
             sums.iou_sum += iou
             sums.inter_sum += inter
             sums.union_sum += union
-        correct = self._add_answer(annotation, response)
-        has_region = region_xyxy is not None
-        hit = False
-        if has_region:
-            region = check_box_xyxy(list(region_xyxy), f"{where}: region_xyxy")
-            gt_box = mask_bbox_xyxy(gt)
-            hit = gt_box is not None and is_box_inside_region(gt_box, region)
+        if correct is not None:
+            for key in ("avg", annotation.attribute):
+                count = self._qa[annotation.q_type][key]
+                count.n += 1
+                count.correct += int(correct)
         sample = SampleScore(annotation.index, bucket, inter, union, iou, correct,
-                             has_region, hit)
+                             region is not None, hit)
         self.samples.append(sample)
         return sample
-
-    def _add_answer(self, ann: Annotation, response: str | None) -> bool | None:
-        if ann.q_type not in QA_TYPES:
-            return None
-        if response is not None and not isinstance(response, str):
-            raise InputError(f"annotation {ann.index}: response must be a string, got "
-                             f"{type(response).__name__}")
-        check = is_mcq_correct if ann.q_type == "option" else is_open_qa_correct
-        correct = check(response or "", ann.answer)
-        for key in ("avg", ann.attribute):
-            count = self._qa[ann.q_type][key]
-            count.n += 1
-            count.correct += int(correct)
-        return correct
 
     def result(self) -> dict[str, Any]:
         """The metrics so far as a JSON-ready dict (see the module docstring for keys)."""
@@ -202,6 +194,15 @@ class MetricAccumulator:
                        "recall_all": hits / n if n else None},
             "n_annotations": n,
         }
+
+
+def _answer_correct(ann: Annotation, response: str | None) -> bool | None:
+    """Official QA correctness of a response (None for `referring`: no QA metric)."""
+    if ann.q_type == "option":
+        return is_mcq_correct(response or "", ann.answer)
+    if ann.q_type == "reasoning":
+        return is_open_qa_correct(response or "", ann.answer)
+    return None
 
 
 def _intersection_union(pred: np.ndarray | None, gt: np.ndarray, where: str) -> tuple[int, int]:
