@@ -105,6 +105,66 @@ def export_sam_cmd(
                f"{v['mask_diff_pixels']} ({v['mask_max_diff_fraction']:.2g})")
 
 
+# -- export vlm (finers_rt.export.vlm) --
+@export_app.command("vlm")
+def export_vlm_cmd(
+    hf_dir: str = typer.Argument(..., help="Hugging Face Qwen2.5-VL checkpoint folder."),
+    out_dir: str = typer.Argument(..., help="VLM stage folder to write (vision.onnx, decoder.onnx, manifest.json, ...)."),
+    image_size: str = typer.Option(None, "--image-size", help="Stage image size WxH (default: gse 1920x1080, lpr 512x512)."),
+    role: str = typer.Option("generic", "--role", help="gse, lpr or generic (generic needs --image-size)."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset."),
+    quantize: str = typer.Option("none", "--quantize", help="Decoder weights: none, int8 or int4."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR."),
+) -> None:
+    """Export a Qwen2.5-VL stage to ONNX, validated against the HF model before writing."""
+    try:
+        from finers_rt.export.vlm import VlmExportOptions, export_vlm, parse_size_wh
+    except ImportError as exc:
+        from finers_rt.errors import MissingExtraError
+
+        raise MissingExtraError("export", exc.name or "torch", "finers-rt export vlm") from None
+    size_wh = parse_size_wh(image_size) if image_size else None
+    options = VlmExportOptions(role=role, image_size_wh=size_wh, opset=opset, quantize=quantize,
+                               force=force)
+    manifest = export_vlm(hf_dir, out_dir, options)
+    v, img = manifest.validation, manifest.image
+    typer.echo(f"VLM {manifest.role} {manifest.precision} stage {img.stage_size_wh[0]}x"
+               f"{img.stage_size_wh[1]} grid {list(img.grid_thw)} -> {out_dir}: vision err "
+               f"{v['vision_max_abs_err']:.2g}, prefill logits err {v['prefill_logits_max_abs_err']:.2g}, "
+               f"{v['decode_steps_checked']} decode steps err {v['decode_logits_max_abs_err']:.2g}, "
+               f"greedy tokens equal {v['greedy_tokens_equal']}")
+
+
+# -- generate (finers_rt.vlm) --
+@app.command("generate")
+def generate_cmd(
+    stage_dir: str = typer.Argument(..., help="Exported VLM stage folder (manifest.json, vision.onnx, decoder.onnx, ...)."),
+    image: str = typer.Argument(..., help="Image file (any format pillow reads); resized to the stage size."),
+    text: str = typer.Argument(..., help="The user text that follows the image in the prompt."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Cap on generated tokens (default: the manifest's)."),
+    stop_at: str = typer.Option(None, "--stop-at", help="Also stop once the output contains this string."),
+    threads: int = typer.Option(None, "--threads", help="Intra-op threads per graph (default: ORT's choice)."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"token_ids": [...], "text": "..."} (+ timings).'),
+) -> None:
+    """Greedy-generate one VLM stage's answer to TEXT about IMAGE (no pipeline around it)."""
+    import json as _json
+
+    from finers_rt.config import BackendOptions
+    from finers_rt.vlm import VlmStage
+
+    stage = VlmStage.load(stage_dir, BackendOptions(intra_op_threads=threads))
+    result = stage.generate(image, text, max_new_tokens=max_new_tokens, stop_at=stop_at)
+    if as_json:
+        typer.echo(_json.dumps({"token_ids": result.token_ids, "text": result.text,
+                                "stop_reason": result.stop_reason, "timings_ms": result.timings_ms}))
+        return
+    timings = result.timings_ms
+    typer.echo(result.text)
+    typer.echo(f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}; vision {timings['vision']:.0f} ms, "
+               f"prefill {timings['prefix_prefill'] + timings['question_prefill']:.0f} ms, decode "
+               f"{timings['decode']:.0f} ms ({timings['tok_per_s']:.1f} tok/s)]", err=True)
+
+
 # ---- infer / eval (pipeline) -------------------------------------------------------------------
 
 _QTYPES = "referring|reasoning|option"
