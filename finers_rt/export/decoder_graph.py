@@ -13,6 +13,8 @@ SiLU MLP) but replaces HF's cache object and mask construction with plain tensor
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_multimodal_rotary_pos_emb
@@ -87,7 +89,9 @@ def export_decoder(model: nn.Module, path: str, opset: int) -> None:
             "attention_mask": {0: "batch", 2: "seq", 3: "total"}, "logits": {0: "batch"}}
     axes.update({n: {0: "batch", 1: "past"} for n in in_names[3:]})
     axes.update({n: {0: "batch", 1: "seq"} for n in out_names[1:]})
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter is deprecated but handles these static/dynamic graphs reliably
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(step, (embeds, pos, mask, *kv), path, input_names=in_names,
                           output_names=out_names, dynamic_axes=axes, opset_version=opset,
                           dynamo=False, do_constant_folding=True)

@@ -13,6 +13,8 @@ Graph: in `pixel_values` float32 [num_patches, 3*T*P*P] -> out `image_embeds` fl
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -57,9 +59,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -
     return torch.matmul(probs, v)  # [n, heads, Lq, d]
 
 
-def _segmented_attention(q, k, v, segments: _StaticSegments, scaling: float) -> torch.Tensor:
-    """q, k, v [N, heads, d] -> [N, heads, d], attention only inside each segment."""
-    heads, dim = q.shape[1], q.shape[2]
+def _segmented_attention(q, k, v, segments: _StaticSegments, heads: int, dim: int,
+                         scaling: float) -> torch.Tensor:
+    """q, k, v [N, heads, dim] -> [N, heads, dim], attention only inside each segment."""
     outs = []
     for i, (length, starts) in enumerate(segments.groups):
         idx = segments.gather(i)
@@ -106,7 +108,7 @@ class StaticVisionTower(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]  # [N, heads, hd]
         q = q * self.cos + _rotate_half(q) * self.sin
         k = k * self.cos + _rotate_half(k) * self.sin
-        out = _segmented_attention(q, k, v, segments, attn.scaling)
+        out = _segmented_attention(q, k, v, segments, attn.num_heads, attn.head_dim, attn.scaling)
         return attn.proj(out.reshape(n, -1))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -135,7 +137,9 @@ def export_vision(visual: nn.Module, grid_thw: tuple[int, int, int], path: str, 
     patch_dim = visual.patch_embed.in_channels * visual.patch_embed.temporal_patch_size \
         * visual.patch_embed.patch_size ** 2
     example = torch.zeros(t * gh * gw, patch_dim, dtype=torch.float32)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter is deprecated but handles these static/dynamic graphs reliably
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(tower, (example,), path, input_names=["pixel_values"],
                           output_names=["image_embeds"], opset_version=opset, dynamo=False,
                           do_constant_folding=True)

@@ -10,6 +10,7 @@ written into a temporary folder beside OUT_DIR that is renamed only after valida
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import tempfile
@@ -233,6 +234,9 @@ def export_vlm(hf_dir: str | Path, out_dir: str | Path, options: VlmExportOption
             inputs.input_ids[0].tolist():
         raise ArtifactError("tokenizing the chat pieces does not give the processor's input_ids")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a published stage gets normal permissions
     try:
         manifest = _build_stage(model, processor, hf_dir, tmp, options, inputs, image_spec, chat)
         _publish(tmp, out_dir)
