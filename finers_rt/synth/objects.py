@@ -192,6 +192,16 @@ def pattern_layer(pattern: str, color: str, mask: np.ndarray, radius_px: float,
     return layer
 
 
+def main_color_fraction(obj: SceneObject, radius_px: float, phase: int) -> float:
+    """Fraction of the object's pixels that show its main colour (1.0 for 'solid')."""
+    if obj.pattern == "solid":
+        return 1.0
+    mask, _x0, _y0 = window_mask(obj.points_xy)
+    layer = pattern_layer(obj.pattern, obj.color, mask, radius_px, phase)
+    main = np.all(layer == np.array(COLORS[obj.color], dtype=np.uint8), axis=-1)
+    return float((main & mask).sum()) / float(mask.sum())
+
+
 def paint_object(image: np.ndarray, obj: SceneObject, radius_px: float, phase: int,
                  bgr: bool = False) -> None:
     """Paint `obj` into image (uint8 [H, W, 3], RGB or with `bgr` BGR, in place): exactly

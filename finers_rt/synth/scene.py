@@ -17,7 +17,8 @@ from finers_rt.errors import InputError
 from finers_rt.synth.background import render_background
 from finers_rt.synth.objects import (COLORS, MAX_TILT_DEG, MIN_PATTERN_EXTENT_PX,
                                      PATTERN_WEIGHTS, PATTERNS, SHAPES, SceneObject,
-                                     extent_px, make_object, paint_object, radius_for_area)
+                                     extent_px, main_color_fraction, make_object,
+                                     paint_object, radius_for_area)
 from finers_rt.synth.questions import ask_questions
 
 # Object area as a percent of the image, drawn log-uniformly: with the rasterised outline this
@@ -28,6 +29,7 @@ OBJECTS_PER_SCENE = (35, 70)        # inclusive
 QUESTIONS_PER_SCENE = (1, 2, 3)
 QUESTIONS_P = (0.3, 0.4, 0.3)
 MIN_SIZE_WH = (64, 64)
+MIN_MAIN_COLOR_FRACTION = 0.6   # a patterned object too small to show mostly its colour is solid
 MAX_SIZE_PX = 8192 * 8192
 
 
@@ -67,7 +69,8 @@ def layout_objects(rng: np.random.Generator, size_wh: tuple[int, int]
     """Place non-overlapping objects (a gap of max(4, r/2) px keeps them apart).
 
     Each scene uses a random subset of the colours and shapes so that many objects share
-    attributes with each other (distractors). Returns (objects, radii_px, stripe phases).
+    attributes with each other (distractors). A pattern that would leave less than
+    MIN_MAIN_COLOR_FRACTION of the object in its main colour becomes 'solid'. Returns (objects, radii_px, stripe phases).
     """
     w, h = size_wh
     colors = [list(COLORS)[i] for i in rng.choice(len(COLORS), int(rng.integers(4, 8)), False)]
@@ -98,7 +101,10 @@ def layout_objects(rng: np.random.Generator, size_wh: tuple[int, int]
             box = np.array([cx - reach, cy - reach, cx + reach, cy + reach])
             if _boxes_clear(box, placed):
                 placed = np.vstack([placed, box])
-                objs.append(make_object(color, shape, pattern, (cx, cy), radius, tilt, size_wh))
+                obj = make_object(color, shape, pattern, (cx, cy), radius, tilt, size_wh)
+                if main_color_fraction(obj, radius, phase) < MIN_MAIN_COLOR_FRACTION:
+                    obj = make_object(color, shape, "solid", (cx, cy), radius, tilt, size_wh)
+                objs.append(obj)
                 radii.append(radius)
                 phases.append(phase)
                 break
