@@ -1,0 +1,299 @@
+"""VLM stage runtime: KV buffer, prefix cache, and greedy parity with HF `generate`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from finers_rt.errors import EngineProfileError, InputError, ManifestError
+from finers_rt.kvcache import KVBuffer, PrefixCache, PrefixEntry, image_digest
+from finers_rt.vlm import causal_mask
+
+QUESTION = "What color is the small sign?"
+
+
+def _image(seed: int, shape=(150, 170, 3)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+# ---- KV buffer --------------------------------------------------------------------------------
+
+
+def test_kv_buffer_views_are_zero_copy_and_writes_land_in_place():
+    buffer = KVBuffer(num_layers=2, batch=1, max_len=10, num_kv_heads=2, head_dim=4)
+    new = np.arange(3 * 2 * 4, dtype=np.float32).reshape(1, 3, 2, 4)
+    buffer.write(1, 0, new, -new)
+    buffer.write(0, 0, new, new)
+    assert buffer.length == 3
+    keys, values = buffer.past_views()[1]
+    assert keys.shape == (1, 3, 2, 4) and keys.flags.c_contiguous
+    assert np.shares_memory(keys, buffer.keys[1]) and np.array_equal(values, -new)
+    step = np.full((1, 1, 2, 4), 7.0, np.float32)
+    slot_k, _ = buffer.slot_views(3, 1)[0]
+    assert np.shares_memory(slot_k, buffer.keys[0]) and slot_k.flags.c_contiguous
+    buffer.write(0, 3, step, step)
+    assert buffer.length == 4 and np.array_equal(buffer.past_views()[0][0][:, 3], step[:, 0])
+    with pytest.raises(InputError, match=r"exceed the buffer of 10"):
+        buffer.write(0, 9, new, new)
+    with pytest.raises(InputError, match=r"new K/V must be \[1, 3, 2, 4\]"):
+        buffer.write(0, 0, new[:, :, :1], new[:, :, :1])
+
+
+def test_kv_buffer_prefix_round_trip_and_broadcast():
+    source = KVBuffer(2, 1, 8, 1, 2)
+    for layer in range(2):
+        data = np.full((1, 5, 1, 2), layer + 1.0, np.float32)
+        source.write(layer, 0, data, -data)
+    keys, values = source.copy_prefix(5)
+    assert not np.shares_memory(keys[0], source.keys[0])
+    batch = KVBuffer(2, 3, 8, 1, 2)
+    batch.load_prefix(keys, values)
+    assert batch.length == 5 and np.all(batch.keys[1][:, :5] == 2.0) and np.all(batch.values[0][:, :5] == -1.0)
+    with pytest.raises(InputError, match="3 layers"):
+        batch.load_prefix(keys + keys[:1], values + values[:1])
+    with pytest.raises(InputError, match="must be positive"):
+        KVBuffer(0, 1, 8, 1, 2)
+
+
+def test_causal_mask_is_additive_and_offset_by_past():
+    mask = causal_mask(batch=2, seq=3, past=2)
+    assert mask.shape == (2, 1, 3, 5) and mask.dtype == np.float32
+    allowed = mask[0, 0] == 0.0
+    assert allowed.tolist() == [[True, True, True, False, False], [True, True, True, True, False],
+                                [True, True, True, True, True]]
+    assert np.all(mask[0, 0][~allowed] == np.finfo(np.float32).min)
+    assert np.all(causal_mask(1, 1, 7) == 0.0)
+
+
+# ---- prefix cache -----------------------------------------------------------------------------
+
+
+def _entry(num_bytes_per_layer: int) -> PrefixEntry:
+    floats = num_bytes_per_layer // 4
+    kv = np.zeros((1, floats, 1, 1), np.float32)
+    return PrefixEntry((kv,), (kv.copy(),), floats, 0, np.zeros((0, 4), np.float32))
+
+
+def test_prefix_cache_lru_bytes_and_counters():
+    cache = PrefixCache(max_bytes=4000)
+    a, b, c = (PrefixCache.make_key("gse", d, (1920, 1080)) for d in ("a", "b", "c"))
+    assert cache.put(a, _entry(800)) and cache.put(b, _entry(800))  # 1600 bytes each
+    assert cache.nbytes == 3200 and len(cache) == 2
+    assert cache.get(a) is not None  # a is now most recent
+    assert cache.put(c, _entry(800))  # evicts b (least recently used)
+    assert b not in cache and a in cache and c in cache
+    assert cache.get(b) is None
+    assert cache.stats() == {"entries": 2, "bytes": 3200, "max_bytes": 4000, "hits": 1, "misses": 1,
+                             "evictions": 1}
+    assert not cache.put(b, _entry(4000))  # larger than the budget: refused, nothing evicted
+    assert len(cache) == 2
+    assert PrefixCache.make_key("gse", "a", (1920, 1080)) != PrefixCache.make_key("lpr", "a", (1920, 1080))
+    assert PrefixCache.make_key("lpr", "a", (512, 512)) != PrefixCache.make_key("lpr", "a", (1920, 1080))
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_prefix_cache_is_consistent_under_threads():
+    cache = PrefixCache(max_bytes=10 * 800)
+
+    def work(worker: int) -> None:
+        for i in range(200):
+            key = ("s", f"{(worker * 7 + i) % 23}", (1, 1))
+            if cache.get(key) is None:
+                cache.put(key, _entry(400))
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats = cache.stats()
+    assert stats["hits"] + stats["misses"] == 800
+    assert stats["entries"] == 10 and stats["bytes"] == 8000
+
+
+def test_image_digest_depends_on_content_and_shape():
+    image = _image(0, (8, 8, 3))
+    assert image_digest(image) == image_digest(image.copy())
+    changed = image.copy()
+    changed[3, 3, 1] ^= 1
+    assert image_digest(changed) != image_digest(image)
+    assert image_digest(image.reshape(4, 16, 3)) != image_digest(image)
+    assert image_digest(np.asfortranarray(image)) == image_digest(image)
+
+
+# ---- exported stages (torch side builds them once) --------------------------------------------
+
+
+def _export(hf_dir, out_dir, size_wh):
+    from finers_rt.export.vlm import VlmExportOptions, export_vlm
+
+    export_vlm(hf_dir, out_dir, VlmExportOptions(role="generic", image_size_wh=size_wh))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def stages(make_vlm_checkpoint, tmp_path_factory):
+    """{name: (hf_dir, stage_dir)}: GQA 3:1 without penalty, and a 2-head / 1-KV-head model with an
+    (8, 4, 4) M-RoPE split and repetition_penalty 1.2, at two stage sizes."""
+    from finers_rt.export.checkpoints import get_spec, make_random_qwen25vl
+
+    root = tmp_path_factory.mktemp("vlm-runtime")
+    gqa = make_vlm_checkpoint("tiny-gqa3", 0)
+    penalty = make_random_qwen25vl(root / "hf-mrope-penalty",
+                                   replace(get_spec("tiny-mrope"), repetition_penalty=1.2), seed=3)
+    return {"gqa3": (gqa, _export(gqa, root / "gqa3", (140, 112))),
+            "mrope-penalty": (penalty, _export(penalty, root / "mrope", (84, 112)))}
+
+
+def _hf_generate(hf_dir, stage_size_wh, image, text, max_new_tokens):
+    import torch
+    from PIL import Image
+
+    from finers_rt.export.checkpoints import load_reference
+
+    model, processor = load_reference(hf_dir)
+    stage_image = Image.fromarray(image).resize(stage_size_wh, Image.Resampling.BILINEAR)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[stage_image], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+    return out[0, inputs["input_ids"].shape[1]:].tolist(), inputs["input_ids"][0].tolist()
+
+
+@pytest.mark.parametrize("name,seed,text,expect_eos", [
+    ("gqa3", 0, QUESTION, False), ("mrope-penalty", 0, QUESTION, False),
+    ("mrope-penalty", 0, "Describe the image.", True)])
+def test_greedy_tokens_equal_hf_generate(stages, name, seed, text, expect_eos):
+    from finers_rt.vlm import VlmStage
+
+    hf_dir, stage_dir = stages[name]
+    stage = VlmStage.load(stage_dir)
+    image = _image(seed)
+    result = stage.generate(image, text, max_new_tokens=24)
+    reference, reference_prompt = _hf_generate(hf_dir, stage.manifest.image.stage_size_wh, image, text, 24)
+    parts = stage.tokenizer.build_prompt(stage.manifest.image.num_image_tokens, text)
+    assert parts.input_ids.tolist() == reference_prompt
+    assert result.token_ids == reference
+    if expect_eos:
+        assert result.stop_reason == "eos" and result.token_ids[-1] in stage.manifest.special_tokens.eos_token_ids
+    else:
+        assert len(result.token_ids) == 24 and result.stop_reason == "max_new_tokens"
+        assert len(set(result.token_ids)) >= 18  # a real sequence, not one token repeated
+    assert result.text == stage.tokenizer.decode(result.token_ids)
+
+
+def test_prefix_cache_hit_skips_vision_and_keeps_tokens(stages):
+    from finers_rt.vlm import VlmStage
+
+    _, stage_dir = stages["mrope-penalty"]
+    cache = PrefixCache()
+    cached, plain = VlmStage.load(stage_dir, prefix_cache=cache), VlmStage.load(stage_dir)
+    image = _image(1)
+    first = cached.generate(image, QUESTION, max_new_tokens=20)
+    assert not first.cache_hit and first.timings_ms["vision"] > 0 and first.timings_ms["prefix_prefill"] > 0
+    second = cached.generate(image.copy(), "Where is the tiny white boat?", max_new_tokens=20)
+    assert second.cache_hit and cache.hits == 1
+    assert second.timings_ms["vision"] == 0.0 and second.timings_ms["prefix_prefill"] == 0.0
+    assert second.token_ids == plain.generate(image, "Where is the tiny white boat?", max_new_tokens=20).token_ids
+    assert first.token_ids == plain.generate(image, QUESTION, max_new_tokens=20).token_ids
+    other = cached.generate(_image(2), QUESTION, max_new_tokens=5)
+    assert not other.cache_hit and cache.misses == 2 and len(cache) == 2
+
+
+def test_generate_batch_rows_equal_single_generate(stages):
+    from finers_rt.vlm import VlmStage
+
+    _, stage_dir = stages["gqa3"]
+    stage = VlmStage.load(stage_dir, prefix_cache=PrefixCache())
+    images = [_image(0), _image(1), _image(2)]
+    singles = [stage.generate(image, QUESTION, max_new_tokens=16).token_ids for image in images]
+    batch = stage.generate_batch(images, QUESTION, max_new_tokens=16)
+    assert [r.token_ids for r in batch] == singles
+    assert all(r.cache_hit for r in batch)  # the singles filled the cache
+    assert len({tuple(s) for s in singles}) == 3
+
+
+def test_stop_string_sampling_and_bad_arguments(stages, tmp_path):
+    from PIL import Image
+
+    from finers_rt.vlm import VlmStage
+
+    _, stage_dir = stages["gqa3"]
+    stage = VlmStage.load(stage_dir)
+    image = _image(0)
+    full = stage.generate(image, QUESTION, max_new_tokens=12)
+    stop = stage.tokenizer.decode(full.token_ids[:6], skip_special_tokens=False)[-3:]
+    assert stop and stop not in stage.tokenizer.decode(full.token_ids[:5], skip_special_tokens=False)
+    stopped = stage.generate(image, QUESTION, max_new_tokens=12, stop_at=stop)
+    assert stopped.stop_reason == "stop_string" and stopped.token_ids == full.token_ids[:6]
+    path = tmp_path / "img.png"
+    Image.fromarray(image).save(path)
+    assert stage.generate(str(path), QUESTION, max_new_tokens=12).token_ids == full.token_ids
+    sampled = [stage.generate(image, QUESTION, max_new_tokens=12, temperature=1.5, top_p=0.9, seed=5).token_ids
+               for _ in range(2)]
+    assert sampled[0] == sampled[1] and sampled[0] != full.token_ids
+    for kwargs, message in [({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": 0.0}, "top_p"),
+                            ({"temperature": -1.0}, "temperature")]:
+        with pytest.raises(InputError, match=message):
+            stage.generate(image, QUESTION, **kwargs)
+    with pytest.raises(InputError, match="must be a str"):
+        stage.generate(image, None)
+    with pytest.raises(InputError, match=r"uint8"):
+        stage.generate(image.astype(np.float32), QUESTION)
+
+
+def test_load_checks_manifest_against_files_and_sessions(stages, tmp_path):
+    import shutil
+
+    from finers_rt.vlm import VlmStage
+
+    _, stage_dir = stages["gqa3"]
+    with pytest.raises(ManifestError, match="not a folder"):
+        VlmStage.load(tmp_path / "missing")
+    broken = tmp_path / "broken"
+    shutil.copytree(stage_dir, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["graphs"]["vision"]["outputs"][0]["shape"][1] += 1
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineProfileError, match="image_embeds"):
+        VlmStage.load(broken)
+    shutil.copy(stage_dir / "manifest.json", broken / "manifest.json")
+    (broken / "embed_tokens.npy").unlink()
+    with pytest.raises(ManifestError, match="embeddings file 'embed_tokens.npy' is missing"):
+        VlmStage.load(broken)
+
+
+def test_cli_generate_json_matches_library(stages, tmp_path):
+    from PIL import Image
+
+    from finers_rt.vlm import VlmStage
+
+    _, stage_dir = stages["mrope-penalty"]
+    path = tmp_path / "img.png"
+    Image.fromarray(_image(0)).save(path)
+    run = subprocess.run([sys.executable, "-m", "finers_rt.cli", "generate", str(stage_dir), str(path), QUESTION,
+                          "--max-new-tokens", "10", "--json"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    printed = json.loads(run.stdout)
+    expected = VlmStage.load(stage_dir).generate(str(path), QUESTION, max_new_tokens=10)
+    assert printed["token_ids"] == expected.token_ids and printed["text"] == expected.text
+    bad = subprocess.run([sys.executable, "-m", "finers_rt.cli", "generate", str(stage_dir), str(tmp_path / "no.png"),
+                          QUESTION], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "InputError" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_runtime_modules_import_without_torch():
+    code = ("import sys; import finers_rt.vlm, finers_rt.image, finers_rt.mrope, finers_rt.kvcache, "
+            "finers_rt.tokenizer; print(sorted(m for m in ('torch', 'transformers', 'segment_anything') "
+            "if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
