@@ -65,7 +65,8 @@ def test_scene_is_deterministic_and_seed_dependent():
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_dataset_bytes_identical_across_runs_and_workers(tmp_path):
@@ -289,8 +290,9 @@ def test_every_description_names_exactly_its_target(small_scenes):
             desc = _description(rec["Q"])
             found = _resolve(desc, objs, SMALL)
             assert found == [_target(rec, objs)], (rec["Q"], len(found))
-            kinds["relation" if any(r in desc for r in (" left of ", " right of ", " above ", " below "))
-                  else "region" if desc.endswith("of the image") else "plain"] += 1
+            relation = any(r in desc for r in (" left of ", " right of ", " above ", " below "))
+            kinds["relation" if relation else "region" if desc.endswith("of the image")
+                  else "plain"] += 1
             if rec["attribute"] == "position" and rec["Q-type"] == "referring":
                 assert not re.fullmatch(_PHRASE.format(p="t"), desc)  # spatial wording
     assert min(kinds.values()) >= 20, kinds
@@ -309,7 +311,8 @@ def test_cli_end_to_end_refuses_non_empty_and_force(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "3 scenes 640x360" in r.stdout
     anns = load_annotations(out / "annotations.json", out / "images")  # validates polygons
-    assert len(anns) >= 3 and {a.image_path for a in anns} <= {f"scene_00000{i}.jpg" for i in range(3)}
+    assert len(anns) >= 3
+    assert {a.image_path for a in anns} <= {f"scene_00000{i}.jpg" for i in range(3)}
     assert Image.open(out / "images" / "scene_000002.jpg").size == (640, 360)
     before = _tree_bytes(out)
     r = _cli(str(out), "--n", "3", "--seed", "10", "--size", "640x360")

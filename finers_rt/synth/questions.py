@@ -128,7 +128,8 @@ def relation_description(t: int, objs: list[SceneObject], allowed: tuple[str, ..
             rivals = [o for i, o in enumerate(objs)
                       if i not in (t, a) and _matches(o, objs[t], fields)]
             if all(direction_of(objs[a], o, WIDE_SLOPE) != direction for o in rivals):
-                return f"{noun_phrase(objs[t], fields)} {direction} {noun_phrase(objs[a], anchor_fields)}"
+                anchor = noun_phrase(objs[a], anchor_fields)
+                return f"{noun_phrase(objs[t], fields)} {direction} {anchor}"
     return None
 
 

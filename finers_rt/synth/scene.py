@@ -70,7 +70,8 @@ def layout_objects(rng: np.random.Generator, size_wh: tuple[int, int]
 
     Each scene uses a random subset of the colours and shapes so that many objects share
     attributes with each other (distractors). A pattern that would leave less than
-    MIN_MAIN_COLOR_FRACTION of the object in its main colour becomes 'solid'. Returns (objects, radii_px, stripe phases).
+    MIN_MAIN_COLOR_FRACTION of the object in its main colour becomes 'solid'.
+    Returns (objects, radii_px, stripe phases).
     """
     w, h = size_wh
     colors = [list(COLORS)[i] for i in rng.choice(len(COLORS), int(rng.integers(4, 8)), False)]
