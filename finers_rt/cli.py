@@ -266,12 +266,21 @@ def main() -> None:
         typer.echo("aborted", err=True)
         sys.exit(1)
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, _click_exception_types()):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _click_exception_types() -> tuple[type, ...]:
+    """Usage-error classes: typer >= 0.29 ships its own click copy, older typer uses click."""
+    types: list[type] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            types.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            continue
+    return tuple(types)
 
 
 if __name__ == "__main__":

@@ -116,9 +116,6 @@ def test_score_errors_are_one_line(dataset, monkeypatch, capsys, edit, message):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="cli.main catches click.ClickException, but typer 0.29 "
-                   "raises its vendored typer._click exceptions, so usage errors escape as a "
-                   "traceback; remove this mark once cli.main handles them")
 def test_score_requires_images_option(dataset, monkeypatch, capsys):
     code, _, err = _run(monkeypatch, capsys, "score", dataset / "ann.json", dataset / "pred.json")
     assert code == 2 and "--images" in err
