@@ -93,7 +93,6 @@ def test_export_parity_across_shapes(tmp_path, make_vlm_checkpoint, spec, size_w
     assert img.num_patches == int(np.prod(img.grid_thw)) == img.num_image_tokens * 4
 
 
-@pytest.mark.slow
 def test_export_7b_shaped_odd_size(tmp_path, make_vlm_checkpoint):
     manifest = _export(make_vlm_checkpoint("7b-shaped"), tmp_path / "stage", (333, 219))
     _assert_fp32_parity(manifest)
@@ -238,3 +237,19 @@ def test_cli_export_vlm_bad_role_is_one_line_error(tiny_vlm_dir, tmp_path):
                            str(tmp_path / "o"), "--role", "lrp"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "did you mean 'lpr'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_external_data_layout(tmp_path, tiny_vlm_dir, monkeypatch, quantize):
+    """Graphs over the inline limit (7B) become NAME.onnx + one NAME.onnx.data and still validate."""
+    from finers_rt.export import graph_files
+
+    monkeypatch.setattr(graph_files, "INLINE_LIMIT_BYTES", 0)
+    out = tmp_path / "stage"
+    manifest = _export(tiny_vlm_dir, out, (120, 90), quantize=quantize)
+    names = sorted(p.name for p in out.iterdir())
+    assert {"decoder.onnx", "decoder.onnx.data", "vision.onnx", "vision.onnx.data"} <= set(names)
+    assert not [n for n in names if n.endswith(".onnx") and n not in ("decoder.onnx", "vision.onnx")]
+    assert manifest.validation["vision_max_abs_err"] < FP32_TOL
+    if quantize == "none":
+        _assert_fp32_parity(manifest)
