@@ -36,6 +36,10 @@ class KVBuffer:
         self.keys = [np.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.values = [np.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.length = 0  # number of filled positions (the same for every layer)
+        # base addresses of each layer's K and V, for binding graph inputs/outputs by pointer
+        self.data_pointers = [(k.ctypes.data, v.ctypes.data) for k, v in zip(self.keys, self.values)]
+        self.head_shape = [num_kv_heads, head_dim]
+        self.position_nbytes = num_kv_heads * head_dim * np.dtype(dtype).itemsize  # one position, one row
 
     @property
     def max_len(self) -> int:
@@ -75,6 +79,14 @@ class KVBuffer:
                              f"{list(new_v.shape)}")
         self.keys[layer][:, start:start + count] = new_k
         self.values[layer][:, start:start + count] = new_v
+        self.length = max(self.length, start + count)
+
+    def claim(self, start: int, count: int) -> None:
+        """Mark positions `[start, start+count)` as filled by a writer that bypasses `write` (a graph
+        writing into `slot_views` / `data_pointers`); batch 1 only, where positions are contiguous."""
+        if self.batch != 1:
+            raise InputError(f"claim() writes by pointer and needs batch 1, buffer has batch {self.batch}")
+        self._check_range(start, count)
         self.length = max(self.length, start + count)
 
     def load_prefix(self, keys: Sequence[np.ndarray], values: Sequence[np.ndarray]) -> None:

@@ -76,5 +76,6 @@ def _image_block(offset: int, grid_t: int, grid_h: int, grid_w: int) -> np.ndarr
 def sequential_positions(start: int, count: int, rope_delta: int, batch: int = 1) -> np.ndarray:
     """Positions of `count` tokens appended at sequence index `start` (after the prompt or a
     cached prefix): `start + i + rope_delta` on all three axes. Returns [3, batch, count] int64."""
-    row = np.arange(start, start + count, dtype=np.int64) + rope_delta
-    return np.broadcast_to(row, (3, batch, count)).copy()
+    positions = np.empty((3, batch, count), dtype=np.int64)
+    positions[...] = np.arange(start + rope_delta, start + rope_delta + count, dtype=np.int64)
+    return positions

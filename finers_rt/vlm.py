@@ -66,13 +66,16 @@ class VlmStage:
         self.manifest = manifest
         self.vision = vision
         self.decoder = decoder
-        self.embed_tokens = embed_tokens  # [V, H] float32, memory-mapped
+        self.embed_tokens = np.asarray(embed_tokens)  # [V, H] float32, a plain view of the memory map
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache
         self.name = name or f"{manifest.role}:{manifest.graphs['decoder'].sha256[:16] or self.folder}"
         self.preprocess = VisionPreprocessConfig.from_spec(manifest.image)
         self._lock = threading.Lock()
         self._buffer: KVBuffer | None = None
+        # Opt-in ORT IO binding for batch-1 steps: K/V bound by pointer into the buffer. Measured on
+        # CPU it is not faster than plain `run` (bench numbers in the runtime report), so it is off.
+        self.io_binding = False
         if tokenizer.image_token_id != manifest.special_tokens.image_token_id:
             raise ManifestError(f"{folder}: tokenizer id of {manifest.chat.image_token} is "
                                 f"{tokenizer.image_token_id}, manifest says {manifest.special_tokens.image_token_id}")
@@ -156,6 +159,8 @@ class VlmStage:
         past = buffer.length
         feeds = {"inputs_embeds": embeds, "position_ids": positions,
                  "attention_mask": causal_mask(batch, seq, past)}
+        if batch == 1 and self.io_binding:
+            return self._forward_bound(feeds, buffer, past, seq)
         for layer, (keys, values) in enumerate(buffer.past_views(past)):
             feeds[f"past_key_{layer}"] = keys
             feeds[f"past_value_{layer}"] = values
@@ -163,6 +168,23 @@ class VlmStage:
         for layer in range(len(buffer.keys)):
             buffer.write(layer, past, outputs[f"new_key_{layer}"], outputs[f"new_value_{layer}"])
         return outputs["logits"]
+
+    def _forward_bound(self, feeds: dict[str, np.ndarray], buffer: KVBuffer, past: int, seq: int) -> np.ndarray:
+        """`forward` for batch 1 with ORT IO binding: past K/V are bound by pointer to the buffer's
+        first `past` positions and new K/V are written by the graph straight into `[past, past+seq)`."""
+        binding = self.decoder.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        stride = buffer.position_nbytes
+        past_shape, new_shape = [1, past] + buffer.head_shape, [1, seq] + buffer.head_shape
+        for layer, (key_ptr, value_ptr) in enumerate(buffer.data_pointers):
+            for kind, ptr in (("key", key_ptr), ("value", value_ptr)):
+                binding.bind_input(f"past_{kind}_{layer}", "cpu", 0, np.float32, past_shape, ptr)
+                binding.bind_output(f"new_{kind}_{layer}", "cpu", 0, np.float32, new_shape, ptr + past * stride)
+        binding.bind_output("logits", "cpu")
+        buffer.claim(past, seq)
+        self.decoder.run_with_binding(binding)
+        return np.array(binding.get_outputs()[-1].numpy())  # own the logits beyond the binding's life
 
     def _buffer_for(self, batch: int, max_len: int) -> KVBuffer:
         text = self.manifest.text
@@ -236,7 +258,7 @@ class VlmStage:
 
 
 class _Decoder:
-    """The decode loop state: seen-token mask for the repetition penalty, per-row stop state."""
+    """The decode loop state: per-row ids seen so far (for the repetition penalty) and stop state."""
 
     def __init__(self, stage: VlmStage, buffer: KVBuffer, prompt_ids: np.ndarray, rope_delta: int,
                  stop_at: str | None, temperature: float, top_p: float, seed: int | None):
@@ -247,9 +269,9 @@ class _Decoder:
         self.eos = set(int(t) for t in stage.manifest.special_tokens.eos_token_ids)
         pad = stage.manifest.special_tokens.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos)))
-        vocab = stage.manifest.text.vocab_size
-        self.seen = np.zeros((buffer.batch, vocab), dtype=bool)  # [B, V]
-        self.seen[:, prompt_ids] = True
+        unique_prompt = set(int(t) for t in np.unique(prompt_ids))
+        self.seen = [set(unique_prompt) for _ in range(buffer.batch)]  # ids in the prompt + generated
+        self.seen_ids = [np.fromiter(sorted(unique_prompt), dtype=np.int64) for _ in range(buffer.batch)]
 
     def run(self, logits: np.ndarray, max_new: int) -> tuple[list[list[int]], list[str]]:
         batch = self.buffer.batch
@@ -262,7 +284,9 @@ class _Decoder:
             for row in np.flatnonzero(active):
                 token = int(next_ids[row])
                 tokens[row].append(token)
-                self.seen[row, token] = True
+                if token not in self.seen[row]:
+                    self.seen[row].add(token)
+                    self.seen_ids[row] = np.append(self.seen_ids[row], token)
                 reason = self.stop_reason(token, tokens[row])
                 if reason:
                     reasons[row], active[row] = reason, False
@@ -283,11 +307,12 @@ class _Decoder:
 
     def pick(self, logits: np.ndarray) -> np.ndarray:
         """Repetition penalty (HF RepetitionPenaltyLogitsProcessor) then argmax or top-p sampling."""
-        logits = np.array(logits, dtype=np.float32)  # [B, V]
+        logits = np.asarray(logits, dtype=np.float32)  # [B, V], owned: the backend made it for this step
         if self.penalty != 1.0:
-            scores = logits[self.seen]
-            logits[self.seen] = np.where(scores < 0, scores * np.float32(self.penalty),
-                                         scores / np.float32(self.penalty))
+            penalty = np.float32(self.penalty)
+            for row, ids in enumerate(self.seen_ids):  # gather / scatter over the seen ids only
+                scores = logits[row, ids]
+                logits[row, ids] = np.where(scores < 0, scores * penalty, scores / penalty)
         if self.temperature <= 0.0:
             return np.argmax(logits, axis=-1).astype(np.int64)
         return np.array([_sample_top_p(row / self.temperature, self.top_p, self.rng) for row in logits],
@@ -308,6 +333,8 @@ def _sample_top_p(logits: np.ndarray, top_p: float, rng: np.random.Generator) ->
 def causal_mask(batch: int, seq: int, past: int) -> np.ndarray:
     """Additive attention mask `[batch, 1, seq, past + seq]` float32: new token j sees positions
     `<= past + j` (0.0), later ones are `finfo(float32).min`."""
+    if seq == 1:  # a decode step sees everything
+        return np.zeros((batch, 1, 1, past + 1), dtype=np.float32)
     columns = np.arange(past + seq)
     rows = past + np.arange(seq)
     mask = np.where(columns[None, :] <= rows[:, None], np.float32(0.0), _MASKED).astype(np.float32)

@@ -204,6 +204,9 @@ def test_prefix_cache_hit_skips_vision_and_keeps_tokens(stages):
     assert second.timings_ms["vision"] == 0.0 and second.timings_ms["prefix_prefill"] == 0.0
     assert second.token_ids == plain.generate(image, "Where is the tiny white boat?", max_new_tokens=20).token_ids
     assert first.token_ids == plain.generate(image, QUESTION, max_new_tokens=20).token_ids
+    cached.io_binding = plain.io_binding = True  # K/V bound by pointer into the buffer: same tokens
+    assert cached.generate(image, QUESTION, max_new_tokens=20).token_ids == first.token_ids
+    assert plain.generate(image, QUESTION, max_new_tokens=20).token_ids == first.token_ids
     other = cached.generate(_image(2), QUESTION, max_new_tokens=5)
     assert not other.cache_hit and cache.misses == 2 and len(cache) == 2
 
