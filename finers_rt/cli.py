@@ -135,6 +135,37 @@ def export_vlm_cmd(
                f"greedy tokens equal {v['greedy_tokens_equal']}")
 
 
+@export_app.command("bundle")
+def export_bundle_cmd(
+    gse: str = typer.Option(..., "--gse", help="GSE stage: Hugging Face Qwen2.5-VL checkpoint folder."),
+    lpr: str = typer.Option(..., "--lpr", help="LPR stage: Hugging Face Qwen2.5-VL checkpoint folder."),
+    sam: str = typer.Option(..., "--sam", help="segment-anything checkpoint (state dict)."),
+    out: str = typer.Option(..., "--out", help="Bundle folder to write."),
+    sam_type: str = typer.Option("vit_b", "--sam-type", help="SAM preset vit_b|vit_l|vit_h (sizes overridable with --sam-config)."),
+    sam_config: str = typer.Option(None, "--sam-config", help="JSON file describing a smaller SAM."),
+    name: str = typer.Option(None, "--name", help="Bundle name (default: the folder name)."),
+    gse_size: str = typer.Option(None, "--gse-size", help="GSE stage size WxH (default 1920x1080)."),
+    lpr_size: str = typer.Option(None, "--lpr-size", help="LPR stage size WxH (default 512x512)."),
+    quantize: str = typer.Option("none", "--quantize", help="Decoder weights: none, int8 or int4."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
+) -> None:
+    """Export GSE, LPR and SAM into one validated bundle (BUNDLE/{manifest.json, gse, lpr, sam})."""
+    try:
+        from finers_rt.export.bundle import export_bundle
+        from finers_rt.export.vlm import parse_size_wh
+    except ImportError as exc:
+        from finers_rt.errors import MissingExtraError
+
+        raise MissingExtraError("export", exc.name or "torch", "finers-rt export bundle") from None
+    manifest = export_bundle(
+        gse, lpr, sam, out, sam_type=sam_type, sam_config=sam_config, name=name,
+        gse_size_wh=parse_size_wh(gse_size) if gse_size else None,
+        lpr_size_wh=parse_size_wh(lpr_size) if lpr_size else None,
+        quantize=quantize, opset=opset, force=force, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"bundle '{manifest.name}' -> {out}")
+
+
 # -- generate (finers_rt.vlm) --
 @app.command("generate")
 def generate_cmd(

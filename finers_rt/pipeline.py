@@ -74,7 +74,9 @@ class Result:
                 "region_xyxy": _listify(self.region_xyxy),
                 "gse_region_xyxy": _listify(self.gse_region_xyxy),
                 "mask_area": self.mask_area, "score": self.score, "path": self.path,
-                "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+                "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items() if k.endswith("_ms")},
+                "tokens": {k.removesuffix("_tokens"): int(v) for k, v in self.timings_ms.items()
+                           if k.endswith("_tokens")},
                 "raw": self.raw, "attempts": self.attempts}
 
 
@@ -293,10 +295,13 @@ def _pick_answer(source: str, lpr_response: str | None, gse_response: str | None
 
 
 def _merge_timings(timings: dict[str, float], stage: str, stage_ms: dict[str, float]) -> None:
+    """Add a stage's phase times as `<stage>_<phase>_ms` (summed over several calls) and its
+    generated token count as `<stage>_tokens` (tok/s is derived, not summed)."""
     for key, value in stage_ms.items():
-        name = f"{stage}_{key}" if not key.startswith(stage) else key
-        if isinstance(value, (int, float)):
-            timings[name] = timings.get(name, 0.0) + float(value)
+        if key == "tok_per_s" or not isinstance(value, (int, float)):
+            continue
+        name = f"{stage}_{key}" if key == "tokens" else f"{stage}_{key.removesuffix('_ms')}_ms"
+        timings[name] = timings.get(name, 0.0) + float(value)
 
 
 def _ms(start: float) -> float:
