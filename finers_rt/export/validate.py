@@ -127,19 +127,23 @@ def check_decoder(decoder_session, model, inputs: ParityInputs, image_embeds: np
             err = float(np.abs(got - want.transpose(1, 2).numpy()).max())
             kv_err = max(kv_err, _check("decoder", name, err, tol.kv, "prefill"))
     result["prefill_kv_max_abs_err"] = kv_err
-    result.update(_decode_loop(decoder_session, model, outs, ref.past_key_values, ids, embed_tokens,
+    result.update(_decode_loop(decoder_session, model, outs, ref, ids, embed_tokens,
                                int(deltas.reshape(-1)[0]), steps, penalty, tol))
     return result
 
 
-def _decode_loop(session, model, outs, ref_cache, ids, embed_tokens, delta, steps, penalty, tol):
-    """Greedy decode on ORT with its own cache and tokens; HF follows the same tokens."""
+def _decode_loop(session, model, outs, ref, ids, embed_tokens, delta, steps, penalty, tol):
+    """Greedy decode on ORT with its own cache and tokens; HF (prefill output `ref`) follows the
+    same tokens. Also counts steps where ORT's and torch's greedy choice agree."""
     layers = model.config.text_config.num_hidden_layers
     cache = [np.concatenate([o], axis=1) for o in outs[1:]]  # [1, T, KV, D] per K/V
     logits, seen, tokens, max_err = outs[0][0], list(ids.tolist()), [], 0.0
+    agree = []  # per step: ORT argmax == torch argmax on the same history (teacher-forced)
+    ref_cache, ref_logits = ref.past_key_values, ref.logits[0, -1].numpy()
     total = len(ids)
     for step in range(steps):
         token = int(np.argmax(apply_repetition_penalty(logits, seen, penalty)))
+        agree.append(token == int(np.argmax(apply_repetition_penalty(ref_logits, seen, penalty))))
         tokens.append(token)
         seen.append(token)
         position = np.full((3, 1, 1), total + delta, dtype=np.int64)
@@ -154,12 +158,15 @@ def _decode_loop(session, model, outs, ref_cache, ids, embed_tokens, delta, step
                         position_ids=torch.from_numpy(position),
                         cache_position=torch.tensor([total]), use_cache=True)
         ref_cache = ref.past_key_values
+        ref_logits = ref.logits[0, -1].numpy()
         err = float(np.abs(outs[0] - ref.logits[:, -1].numpy()).max())
         max_err = max(max_err, _check("decoder", "logits", err, tol.logits, f"decode step {step + 1}"))
         cache = [np.concatenate([c, n], axis=1) for c, n in zip(cache, outs[1:])]
         logits, total = outs[0][0], total + 1
     tokens.append(int(np.argmax(apply_repetition_penalty(logits, seen, penalty))))
-    return {"decode_logits_max_abs_err": max_err, "decode_steps_checked": steps, "tokens": tokens}
+    agree.append(tokens[-1] == int(np.argmax(apply_repetition_penalty(ref_logits, seen, penalty))))
+    return {"decode_logits_max_abs_err": max_err, "decode_steps_checked": steps, "tokens": tokens,
+            "top1_agreement_with_torch": sum(agree) / len(agree)}
 
 
 def reference_greedy_tokens(model, inputs: ParityInputs, num_tokens: int) -> list[int]:

@@ -248,7 +248,7 @@ def export_vlm(hf_dir: str | Path, out_dir: str | Path, options: VlmExportOption
 
 def _build_stage(model, processor, hf_dir, work, options, inputs, image_spec, chat) -> VlmStageManifest:
     write_graphs(model, work, image_spec.grid_thw, options.opset)
-    embed = model.get_input_embeddings().weight.detach().numpy().astype(np.float32)  # [V, H]
+    embed = np.asarray(model.get_input_embeddings().weight.detach().numpy(), np.float32)  # [V, H]
     np.save(work / "embed_tokens.npy", embed)
     shutil.copyfile(hf_dir / "tokenizer.json", work / "tokenizer.json")
     penalty = float(model.generation_config.repetition_penalty or 1.0)
