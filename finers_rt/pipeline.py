@@ -15,6 +15,7 @@ worker thread (they share nothing).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -87,14 +88,14 @@ def _listify(value):
 
 
 def default_bundle_path() -> Path:
-    """The shipped default bundle: $FINERS_RT_MODEL, else `engines/finers-tiny` of the checkout
-    or of the installed package data."""
+    """The shipped default bundle: $FINERS_RT_MODEL, else `engines/finers-tiny` of the checkout,
+    else the copy a wheel installs under `<prefix>/share/finers-rt/engines/`."""
     env = os.environ.get("FINERS_RT_MODEL")
     if env:
         return Path(env)
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "engines" / DEFAULT_BUNDLE_NAME,
-                      here / "engines" / DEFAULT_BUNDLE_NAME):
+    for candidate in (here.parent / "engines" / DEFAULT_BUNDLE_NAME,  # a checkout / editable install
+                      Path(sys.prefix) / "share" / "finers-rt" / "engines" / DEFAULT_BUNDLE_NAME):
         if (candidate / "manifest.json").is_file():
             return candidate
     raise ArtifactError(
