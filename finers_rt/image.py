@@ -72,7 +72,7 @@ def _load_with_pillow(path: Path) -> np.ndarray:
                 img.load()
             except (OSError, SyntaxError, ValueError) as exc:
                 raise InputError(f"image file is truncated or corrupt: '{path}' ({exc})") from None
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # no copy when there is no orientation tag
             return _pil_to_rgb(img, str(path))
 
 
@@ -97,7 +97,19 @@ def _pil_to_rgb(img: Image.Image, where: str) -> np.ndarray:
             img = img.convert("RGB")
         except (ValueError, OSError) as exc:
             raise InputError(f"cannot convert image mode '{img.mode}' to RGB ({where}): {exc}") from None
-    return np.asarray(img, dtype=np.uint8).copy()
+    return _rgb_image_to_array(img)
+
+
+def _rgb_image_to_array(img: Image.Image, strip_bytes: int = 1 << 24) -> np.ndarray:
+    """RGB pillow image -> owned `[H, W, 3] uint8`, copied in ~16 MB row strips: peak memory is
+    pillow's image + the array (`np.asarray(img)` would add a full-size temporary bytes copy)."""
+    width, height = img.size
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, strip_bytes // (3 * width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = np.asarray(img.crop((0, top, width, bottom)))
+    return out
 
 
 def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:

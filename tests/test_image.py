@@ -163,3 +163,17 @@ def test_check_min_size_says_the_size():
     check_min_size(_gradient(30, 40), (40, 30))
     with pytest.raises(InputError, match=r"40x30 \(WxH\).*64x64"):
         check_min_size(_gradient(30, 40), (64, 64))
+
+
+def test_strip_copy_equals_pillow_pixels_and_is_writable(tmp_path):
+    from finers_rt.image import _rgb_image_to_array
+
+    image = _gradient(37, 53)
+    pil = Image.fromarray(image)
+    for strip_bytes in (1, 500, 10_000, 1 << 24):  # 1 row, a few rows, whole image
+        out = _rgb_image_to_array(pil, strip_bytes=strip_bytes)
+        assert np.array_equal(out, image) and out.flags.writeable and out.flags.owndata
+    path = tmp_path / "plain.png"
+    pil.save(path)
+    loaded = load_image(path)
+    assert np.array_equal(loaded, image) and loaded.flags.writeable
