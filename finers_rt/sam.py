@@ -157,6 +157,13 @@ class SamPredictorRT:
     def is_image_set(self) -> bool:
         return self._embedding is not None
 
+    @property
+    def image_embedding(self) -> np.ndarray:
+        """image_embeddings `[1, C, E, E]` float32 of the current image."""
+        if self._embedding is None:
+            raise InputError("no image set: call set_image(image) first")
+        return self._embedding
+
     # ---- prompts ------------------------------------------------------------------------------
 
     def predict(self, box_xyxy: Sequence[float] | None = None,

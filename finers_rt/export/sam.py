@@ -193,7 +193,7 @@ def _compare_one(runtime, reference, image, box_xyxy, points_xy) -> dict:
             point_coords=np.asarray(points_xy), point_labels=np.array([1, 1]),
             box=np.asarray(box_xyxy), multimask_output=True)
         ref_emb = reference.features.numpy()
-    emb = runtime._embedding
+    emb = runtime.image_embedding
     differing = int((masks != ref_masks).sum())
     return {"embedding_max_rel_err": float(np.abs(emb - ref_emb).max()
                                            / max(1.0, float(np.abs(ref_emb).max()))),

@@ -173,10 +173,10 @@ def load_sam(checkpoint: str | Path, config: SamConfig):
     missing = [k for k in own_state if k not in state]
     unexpected = [k for k in state if k not in own_state]
     if missing or unexpected:
-        raise ArtifactError(
-            f"SAM checkpoint {path} does not fit the config (missing {len(missing)} keys, "
-            f"e.g. {missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]}); "
-            f"check --model-type / --config")
+        parts = [f"{len(keys)} {what} keys (e.g. {', '.join(keys[:2])})"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise ArtifactError(f"SAM checkpoint {path} does not fit the config: "
+                            f"{'; '.join(parts)}; check --model-type / --config")
     for name, param in state.items():
         if tuple(own_state[name].shape) != tuple(param.shape):
             raise ArtifactError(f"SAM checkpoint {path}: '{name}' has shape "
