@@ -196,6 +196,30 @@ def generate_cmd(
                f"{timings['decode']:.0f} ms ({timings['tok_per_s']:.1f} tok/s)]", err=True)
 
 
+# -- build-engines (finers_rt.trt) --
+@app.command("build-engines")
+def build_engines_cmd(
+    bundle: str = typer.Argument(..., help="Bundle folder (or one VLM / SAM stage folder) with exported ONNX graphs."),
+    fp16: bool = typer.Option(False, "--fp16", help="Let TensorRT use fp16 kernels (inputs/outputs stay float32)."),
+    int8: bool = typer.Option(False, "--int8", help="Let TensorRT use int8 kernels (graphs with Q/DQ nodes; no calibration)."),
+    workspace: float = typer.Option(4.0, "--workspace", help="Builder workspace limit in GB."),
+    max_batch: int = typer.Option(1, "--max-batch", help="Largest decoder batch the engines accept."),
+    max_prompt_tokens: int = typer.Option(256, "--max-prompt-tokens", help="Prompt tokens beyond the image tokens a prefill may hold."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Generated tokens to plan for (default: the manifests' / pipeline's)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild engines that already exist."),
+) -> None:
+    """Build TensorRT engines (<graph>.engine + <graph>.engine.json) for a bundle ON this GPU."""
+    from finers_rt.trt import ProfileLimits, build_engines
+
+    limits = ProfileLimits(max_batch=max_batch, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
+    built = build_engines(bundle, fp16=fp16, int8=int8, workspace_gb=workspace, force=force, limits=limits,
+                          log=typer.echo)
+    if built:
+        meta = built[0]
+        typer.echo(f"{len(built)} engine(s) built with TensorRT {meta.tensorrt_version} for {meta.device.name} "
+                   f"(sm {'.'.join(map(str, meta.device.compute_capability))}); use them with the 'trt' backend")
+
+
 # ---- infer / eval (pipeline) -------------------------------------------------------------------
 
 _QTYPES = "referring|reasoning|option"

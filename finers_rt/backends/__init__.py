@@ -16,7 +16,7 @@ from finers_rt.config import BackendOptions
 from finers_rt.errors import InputError, suggest
 from finers_rt.manifest import TensorSpec
 
-BACKEND_KINDS = ("ort",)
+BACKEND_KINDS = ("ort", "trt")
 
 
 class Backend(Protocol):
@@ -34,5 +34,9 @@ def create_backend(path: str | os.PathLike, options: BackendOptions | None = Non
         from finers_rt.backends.ort import OrtBackend
 
         return OrtBackend(path, options)
+    if options.kind == "trt":  # `path`: a graph's .onnx (its built .engine beside it is used) or the .engine
+        from finers_rt.backends.trt import TrtBackend
+
+        return TrtBackend(path, options)
     raise InputError(f"unknown backend '{options.kind}'{suggest(options.kind, BACKEND_KINDS)}; "
                      f"available: {', '.join(BACKEND_KINDS)}")
