@@ -76,6 +76,8 @@ class VlmStage:
         # Opt-in ORT IO binding for batch-1 steps: K/V bound by pointer into the buffer. Measured on
         # CPU it is not faster than plain `run` (bench numbers in the runtime report), so it is off.
         self.io_binding = False
+        tokenizer.check_split_matches_whole(manifest.image.num_image_tokens, "Is the split stable? <answer>")
+        self.prefix_ids = tokenizer.build_prompt(manifest.image.num_image_tokens, "").prefix_ids  # [P] int64
         if tokenizer.image_token_id != manifest.special_tokens.image_token_id:
             raise ManifestError(f"{folder}: tokenizer id of {manifest.chat.image_token} is "
                                 f"{tokenizer.image_token_id}, manifest says {manifest.special_tokens.image_token_id}")
@@ -119,7 +121,7 @@ class VlmStage:
         """Fill `buffer` (batch 1) with the prefix K/V, from the cache or by running vision + prefill.
         The returned entry owns a copy of the K/V when it is cached or `keep_kv` is set."""
         spec = self.manifest.image
-        prefix_ids = self.tokenizer.build_prompt(spec.num_image_tokens, "").prefix_ids
+        prefix_ids = self.prefix_ids
         key = None
         if self.prefix_cache is not None:
             key = PrefixCache.make_key(self.name, image_digest(image), spec.stage_size_wh)
@@ -243,7 +245,7 @@ class VlmStage:
 
     def _prefill_prefixes(self, images: list[np.ndarray], extra_len: int) -> tuple[list[_Prefix], KVBuffer]:
         """Build every image's prefix (batch 1), then a batch buffer holding all of them."""
-        prefix_len = self.tokenizer.build_prompt(self.manifest.image.num_image_tokens, "").prefix_ids.size
+        prefix_len = self.prefix_ids.size
         single = self._buffer_for(1, prefix_len + extra_len)
         if len(images) == 1:
             return [self._prefix(images[0], single, keep_kv=False)], single

@@ -253,6 +253,28 @@ def test_stop_string_sampling_and_bad_arguments(stages, tmp_path):
         stage.generate(image.astype(np.float32), QUESTION)
 
 
+def test_prompt_split_equals_whole_tokenisation(stages):
+    from finers_rt.errors import ArtifactError
+    from finers_rt.tokenizer import StageTokenizer
+    from finers_rt.vlm import VlmStage
+
+    stage = VlmStage.load(stages["gqa3"][1])
+    tokenizer, count = stage.tokenizer, stage.manifest.image.num_image_tokens
+    for text in (QUESTION, "", " leading space", "<think>x</think>\n<answer>{'bbox': [1,2,3,4]}</answer>",
+                 "ünïcödé 1920x1080 <|im_end|> inside"):
+        parts = tokenizer.build_prompt(count, text)
+        whole = tokenizer.encode(stage.manifest.chat.render(count, text))
+        assert parts.input_ids.tolist() == whole.tolist()
+        assert parts.prefix_ids[-1] == stage.manifest.special_tokens.vision_end_token_id
+        assert int((parts.prefix_ids == stage.manifest.special_tokens.image_token_id).sum()) == count
+        tokenizer.check_split_matches_whole(count, text)
+    with pytest.raises(InputError, match="image token"):
+        tokenizer.build_prompt(count, "two images <|image_pad|>")
+    glued = replace(stage.manifest.chat, after_image="<|vision_end|>Q")  # cut inside a word
+    with pytest.raises(ArtifactError, match="two parts"):
+        StageTokenizer(tokenizer._tokenizer, glued).check_split_matches_whole(count, "uestion")
+
+
 def test_load_checks_manifest_against_files_and_sessions(stages, tmp_path):
     import shutil
 
