@@ -40,3 +40,42 @@ def make_vlm_checkpoint(tmp_path_factory):
 def tiny_vlm_dir(make_vlm_checkpoint) -> Path:
     """The `tiny` random Qwen2.5-VL checkpoint (LM 2x64, GQA 4/2; vision 2x32), seed 0."""
     return make_vlm_checkpoint("tiny", 0)
+
+
+# ---- a tiny exported bundle (finers_rt.export.bundle) ----------------------------------------
+
+SAM_TINY = {"encoder_embed_dim": 64, "encoder_depth": 2, "encoder_num_heads": 2,
+            "encoder_global_attn_indexes": [1], "image_size": 256, "prompt_embed_dim": 64,
+            "decoder_mlp_dim": 128, "decoder_num_heads": 2, "iou_head_hidden_dim": 64,
+            "mask_in_chans": 8}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, make_vlm_checkpoint) -> Path:
+    """A bundle of two `tiny` random VLM stages (GSE 448x252, LPR 224x224) and a tiny SAM
+    (image_size 256), exported and validated through `export_bundle`."""
+    import json
+
+    from finers_rt.export.bundle import export_bundle
+    from finers_rt.export.sam_configs import make_random_sam_checkpoint, resolve_sam_config
+
+    root = tmp_path_factory.mktemp("bundle")
+    (root / "sam.json").write_text(json.dumps(SAM_TINY))
+    sam_ckpt = make_random_sam_checkpoint(root / "sam.pth",
+                                          resolve_sam_config("vit_b", root / "sam.json"), seed=0)
+    export_bundle(make_vlm_checkpoint("tiny", 0), make_vlm_checkpoint("tiny", 1), sam_ckpt,
+                  root / "bundle", sam_config=root / "sam.json", gse_size_wh=(448, 252),
+                  lpr_size_wh=(224, 224))
+    return root / "bundle"
+
+
+@pytest.fixture(scope="session")
+def scene(tmp_path_factory) -> Path:
+    """A 900x600 random-noise PNG."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    cv2.imwrite(str(path), (rng.random((600, 900, 3)) * 255).astype(np.uint8))
+    return path

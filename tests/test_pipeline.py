@@ -41,7 +41,7 @@ class ScriptedStage:
 class BoxSam:
     """A SAM stand-in whose mask is the prompt box, so pasting can be checked exactly."""
 
-    class stats:  # noqa: N801 - mimics SamPredictorRT.stats
+    class stats:  # mimics SamPredictorRT.stats
         hits = misses = size = capacity = 0
 
     def __init__(self):
@@ -155,37 +155,6 @@ def test_result_json_fields():
 
 
 # ---- end to end on a tiny exported bundle ----------------------------------------------------
-
-SAM_TINY = {"encoder_embed_dim": 64, "encoder_depth": 2, "encoder_num_heads": 2,
-            "encoder_global_attn_indexes": [1], "image_size": 256, "prompt_embed_dim": 64,
-            "decoder_mlp_dim": 128, "decoder_num_heads": 2, "iou_head_hidden_dim": 64,
-            "mask_in_chans": 8}
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory, make_vlm_checkpoint) -> Path:
-    from finers_rt.export.bundle import export_bundle
-    from finers_rt.export.sam_configs import make_random_sam_checkpoint, resolve_sam_config
-
-    root = tmp_path_factory.mktemp("bundle")
-    (root / "sam.json").write_text(json.dumps(SAM_TINY))
-    sam_ckpt = make_random_sam_checkpoint(root / "sam.pth",
-                                          resolve_sam_config("vit_b", root / "sam.json"), seed=0)
-    export_bundle(make_vlm_checkpoint("tiny", 0), make_vlm_checkpoint("tiny", 1), sam_ckpt,
-                  root / "bundle", sam_config=root / "sam.json", gse_size_wh=(448, 252),
-                  lpr_size_wh=(224, 224))
-    return root / "bundle"
-
-
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory) -> Path:
-    import cv2
-
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("img") / "scene.png"
-    cv2.imwrite(str(path), (rng.random((600, 900, 3)) * 255).astype(np.uint8))
-    return path
-
 
 def test_bundle_refuses_overwrite(tiny_bundle):
     from finers_rt.export.bundle import export_bundle

@@ -1,0 +1,48 @@
+"""`finers-rt eval` writes predictions that `finers-rt score` scores to the same numbers."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from finers_rt.cli import app
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from finers_rt.synth import generate_dataset
+
+    out = tmp_path_factory.mktemp("synth") / "ds"
+    generate_dataset(out, n=2, seed=3, size_wh=(640, 360), workers=1)
+    return out
+
+
+def test_eval_then_score_agree(tiny_bundle, dataset, tmp_path):
+    preds = tmp_path / "preds.json"
+    run = CliRunner().invoke(app, ["eval", str(dataset), "--model", str(tiny_bundle), "--out",
+                                   str(preds), "--json", "--limit", "3", "--max-extra-crops", "0"])
+    assert run.exit_code == 0, run.output
+    metrics = json.loads(run.output.strip().splitlines()[-1])
+    assert metrics["n_predictions"] == 3
+    records = json.loads(preds.read_text())["predictions"]
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert all(set(r["mask_rle"]) == {"size", "counts"} for r in records)
+    scored = CliRunner().invoke(app, ["score", str(dataset / "annotations.json"), str(preds),
+                                      "--images", str(dataset / "images"), "--json"])
+    assert scored.exit_code == 0, scored.output
+    again = json.loads(scored.output.strip().splitlines()[-1])
+    # eval scored only the first 3; score counts the rest as missing (empty mask, wrong answer).
+    n_all = again["n_annotations"]
+    assert again["seg"]["all"]["n"] == n_all >= 3
+    assert metrics["seg"]["all"]["n"] == 3
+
+
+def test_eval_refuses_to_overwrite_and_bad_folder(tiny_bundle, dataset, tmp_path):
+    preds = tmp_path / "p.json"
+    preds.write_text("keep me")
+    run = CliRunner().invoke(app, ["eval", str(dataset), "--model", str(tiny_bundle),
+                                   "--out", str(preds)])
+    assert run.exit_code != 0 and "refusing to overwrite" in str(run.exception)
+    assert preds.read_text() == "keep me"
+    run = CliRunner().invoke(app, ["eval", str(tmp_path), "--model", str(tiny_bundle)])
+    assert "no annotations.json" in str(run.exception)
