@@ -97,8 +97,9 @@ def require_trt_stack(feature: str) -> TrtStack:
     if missing:
         exc = MissingExtraError("trt", missing[0], feature)
         also = missing[1:] + ([gpu_problem] if gpu_problem else [])
-        if also:
-            exc.args = (f"{exc.args[0]}. Also missing: {'; '.join(also)}",)
+        if also:  # ImportError prints `msg`, not `args`
+            exc.msg = f"{exc}. Also missing: {'; '.join(also)}"
+            exc.args = (exc.msg,)
         raise exc
     if device is None:
         raise EngineProfileError(f"{feature} needs an NVIDIA GPU: {gpu_problem}")
