@@ -1,0 +1,239 @@
+"""Training samples for GSE, LPR and SAM from synthetic FineRS scenes, and an on-disk cache.
+
+Frames (all boxes x1, y1, x2, y2; points x, y):
+- ORIGINAL: the scene image (e.g. 3840x2160).
+- GSE stage: the whole image resized (bilinear, aspect not kept) to `gse_size_wh`.
+- crop: a square of the original picked like the pipeline does (a ~256-in-1920 region that
+  contains the target, grown by the official dynamic box), resized to `lpr_size_wh` for LPR.
+Targets follow the FineRS answer formats (FINERS_SPEC.md) with coordinates rounded to the
+coordinate-token grid of `finers_rt.train.model`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import cv2
+import numpy as np
+
+from finers_rt import geometry
+from finers_rt.dataset import polygon_to_mask, size_bucket
+from finers_rt.errors import InputError
+from finers_rt.image import resize_for_stage
+from finers_rt.prompts import build_gse_prompt, build_lpr_prompt
+from finers_rt.train.model import quantize_coordinate
+
+REFERENCE_GSE_WH = (1920, 1080)  # the frame FineRS's "256*256 region" is measured in
+
+
+@dataclass(frozen=True)
+class StageSizes:
+    """Stage sizes (w, h) of a model family; the region is 256 px of the 1920x1080 frame."""
+
+    gse_size_wh: tuple[int, int] = (644, 364)
+    lpr_size_wh: tuple[int, int] = (336, 336)
+    scene_size_wh: tuple[int, int] = (3840, 2160)
+    region_side: int = 256
+    crop_min_side: int = 512
+
+    def region_side_stage(self) -> tuple[float, float]:
+        """The region's (w, h) in the GSE stage frame."""
+        return (self.region_side * self.gse_size_wh[0] / REFERENCE_GSE_WH[0],
+                self.region_side * self.gse_size_wh[1] / REFERENCE_GSE_WH[1])
+
+    def region_side_original(self, image_wh: tuple[int, int]) -> tuple[float, float]:
+        return (self.region_side * image_wh[0] / REFERENCE_GSE_WH[0],
+                self.region_side * image_wh[1] / REFERENCE_GSE_WH[1])
+
+
+def polygon_box_xyxy(points_xy: Any) -> tuple[float, float, float, float]:
+    """Bounding box of a polygon in pixel-edge coordinates: (min x, min y, max x + 1, max y + 1)."""
+    pts = np.asarray(points_xy, dtype=np.float64)
+    return (float(pts[:, 0].min()), float(pts[:, 1].min()),
+            float(pts[:, 0].max()) + 1.0, float(pts[:, 1].max()) + 1.0)
+
+
+def response_for(record: dict[str, Any]) -> str:
+    """The answer text a stage should give: 'The object is found.' for referring, else A."""
+    return "The object is found." if record["Q-type"] == "referring" else str(record["A"])
+
+
+def think_for(record: dict[str, Any]) -> str:
+    """A short think text that restates the query (it sits right before the coordinates)."""
+    return f"<think>Looking for {record['Q']}.</think>"
+
+
+def format_gse_answer(record: dict[str, Any], region_xyxy: Any) -> str:
+    """`<think>..</think><answer>{'bbox': [..], 'response': '..'}</answer>` (coordinates quantized)."""
+    box = ",".join(str(quantize_coordinate(v)) for v in region_xyxy)
+    resp = response_for(record).replace("'", " ")
+    return f"{think_for(record)}<answer>{{'bbox': [{box}], 'response': '{resp}'}}</answer>"
+
+
+def format_lpr_answer(record: dict[str, Any], box_xyxy: Any, points_xy: Any) -> str:
+    """The LPR answer: bbox, points_1, points_2, response (coordinates quantized)."""
+    q = quantize_coordinate
+    box = ",".join(str(q(v)) for v in box_xyxy)
+    (ax, ay), (bx, by) = points_xy
+    resp = response_for(record).replace("'", " ")
+    return (f"{think_for(record)}<answer>{{'bbox': [{box}], 'points_1': [{q(ax)},{q(ay)}], "
+            f"'points_2': [{q(bx)},{q(by)}], 'response': '{resp}'}}</answer>")
+
+
+def gse_prompt(record: dict[str, Any]) -> str:
+    return build_gse_prompt(record["Q"], record["Q-type"], record.get("options"))
+
+
+def lpr_prompt(record: dict[str, Any]) -> str:
+    return build_lpr_prompt(record["Q"], record["Q-type"], record.get("options"))
+
+
+def centred_region(box_xyxy: Any, side_wh: tuple[float, float], frame_wh: tuple[int, int]
+                   ) -> tuple[float, float, float, float]:
+    """A region of size side_wh centred on the box, shifted (not shrunk) to stay in the frame."""
+    cx, cy = (box_xyxy[0] + box_xyxy[2]) / 2, (box_xyxy[1] + box_xyxy[3]) / 2
+    x1 = min(max(cx - side_wh[0] / 2, 0.0), max(frame_wh[0] - side_wh[0], 0.0))
+    y1 = min(max(cy - side_wh[1] / 2, 0.0), max(frame_wh[1] - side_wh[1], 0.0))
+    return (x1, y1, x1 + side_wh[0], y1 + side_wh[1])
+
+
+def random_region(box_xyxy: Any, side_wh: tuple[float, float], frame_wh: tuple[int, int],
+                  rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """A region of size side_wh that contains the box at a random place (centred if too big)."""
+    out = []
+    for axis in (0, 1):
+        lo_box, hi_box, side = box_xyxy[axis], box_xyxy[axis + 2], side_wh[axis]
+        lo = max(hi_box - side, 0.0)
+        hi = min(lo_box, frame_wh[axis] - side)
+        start = float(rng.uniform(lo, hi)) if hi > lo else (lo_box + hi_box - side) / 2
+        out.append(start)
+    return (out[0], out[1], out[0] + side_wh[0], out[1] + side_wh[1])
+
+
+def inscribed_points(mask: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Centres of two large inscribed circles of a bool mask [H, W] (x, y pixel centres).
+
+    The first is the distance-transform maximum; the second the maximum outside that circle
+    (the first again when nothing is left)."""
+    dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
+    y1, x1 = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    radius = float(dist[y1, x1])
+    yy, xx = np.mgrid[0:mask.shape[0], 0:mask.shape[1]]
+    rest = np.where((xx - x1) ** 2 + (yy - y1) ** 2 > radius ** 2, dist, 0.0)
+    if rest.max() <= 0:
+        return (x1 + 0.5, y1 + 0.5), (x1 + 0.5, y1 + 0.5)
+    y2, x2 = np.unravel_index(int(np.argmax(rest)), rest.shape)
+    return (x1 + 0.5, y1 + 0.5), (x2 + 0.5, y2 + 0.5)
+
+
+def make_gse_item(image: np.ndarray, record: dict[str, Any], sizes: StageSizes) -> dict[str, Any]:
+    """GSE stage image [h, w, 3] uint8 + meta (GT box and target region in the stage frame)."""
+    height, width = image.shape[:2]
+    box = geometry.frame_to_stage_box(polygon_box_xyxy(record["points"]), (width, height),
+                                      sizes.gse_size_wh)
+    region = centred_region(box, sizes.region_side_stage(), sizes.gse_size_wh)
+    return {"image": resize_for_stage(image, sizes.gse_size_wh),
+            "meta": {"gt_box_stage": list(box), "region_stage": list(region),
+                     "gt_box_original": list(polygon_box_xyxy(record["points"]))}}
+
+
+def make_lpr_item(image: np.ndarray, record: dict[str, Any], sizes: StageSizes,
+                  rng: np.random.Generator) -> dict[str, Any]:
+    """A pipeline-like crop containing the target, resized to the LPR stage.
+
+    Returns image [h, w, 3] uint8, mask [h, w] bool (the target in the stage frame) and meta
+    (crop in original pixels, GT box and two inscribed points in the LPR stage frame)."""
+    height, width = image.shape[:2]
+    box = polygon_box_xyxy(record["points"])
+    region = random_region(box, sizes.region_side_original((width, height)), (width, height), rng)
+    crop = geometry.dynamic_box(region, (width, height), sizes.crop_min_side)
+    x1, y1, x2, y2 = crop
+    crop_wh = (x2 - x1, y2 - y1)
+    pts = np.asarray(record["points"], dtype=np.float64) - np.array([x1, y1])
+    mask = polygon_to_mask(pts, crop_wh[1], crop_wh[0])
+    stage_wh = sizes.lpr_size_wh
+    stage_mask = cv2.resize(mask.astype(np.uint8), stage_wh, interpolation=cv2.INTER_NEAREST) > 0
+    if not stage_mask.any():  # a sliver lost by the resize: keep the nearest pixel
+        cx, cy = ((box[0] + box[2]) / 2 - x1) * stage_wh[0] / crop_wh[0], \
+                 ((box[1] + box[3]) / 2 - y1) * stage_wh[1] / crop_wh[1]
+        stage_mask[min(int(cy), stage_wh[1] - 1), min(int(cx), stage_wh[0] - 1)] = True
+    ys, xs = np.nonzero(stage_mask)
+    box_stage = (float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1)
+    points = inscribed_points(stage_mask)
+    return {"image": resize_for_stage(image[y1:y2, x1:x2], stage_wh), "mask": stage_mask,
+            "meta": {"crop_original": [int(v) for v in crop], "box_stage": list(box_stage),
+                     "points_stage": [list(p) for p in points]}}
+
+
+def iter_scene_items(seed: int, n_scenes: int, sizes: StageSizes, lpr_crops: int = 2,
+                     start: int = 0) -> Iterator[tuple[dict, dict, list[dict]]]:
+    """Yield (record, gse_item, [lpr_item, ...]) for every question of scenes start..start+n-1."""
+    from finers_rt.synth import generate_scene
+
+    for index in range(start, start + n_scenes):
+        image, records = generate_scene(seed, index, sizes.scene_size_wh)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, index, 7]))
+        for record in records:
+            yield (record, make_gse_item(image, record, sizes),
+                   [make_lpr_item(image, record, sizes, rng) for _ in range(lpr_crops)])
+
+
+def build_cache(out_dir: str | Path, seed: int, n_scenes: int, sizes: StageSizes,
+                lpr_crops: int = 2, log=None) -> Path:
+    """Write a training cache: gse_images.npy [N, h, w, 3], lpr_images.npy [N*K, h, w, 3],
+    lpr_masks.npy [N*K, h, w] (bool), records.json (records + meta, sizes)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gse_imgs, lpr_imgs, lpr_masks, entries = [], [], [], []
+    for i, (record, gse, lprs) in enumerate(iter_scene_items(seed, n_scenes, sizes, lpr_crops)):
+        gse_imgs.append(gse["image"])
+        entries.append({"record": {k: v for k, v in record.items()}, "gse": gse["meta"],
+                        "lpr": [item["meta"] for item in lprs],
+                        "bucket": size_bucket(record["area_percent"])})
+        for item in lprs:
+            lpr_imgs.append(item["image"])
+            lpr_masks.append(item["mask"])
+        if log and (i + 1) % 50 == 0:
+            log(f"cache {out}: {i + 1} samples")
+    np.save(out / "gse_images.npy", np.stack(gse_imgs))
+    np.save(out / "lpr_images.npy", np.stack(lpr_imgs))
+    np.save(out / "lpr_masks.npy", np.stack(lpr_masks))
+    (out / "records.json").write_text(json.dumps(
+        {"seed": seed, "n_scenes": n_scenes, "lpr_crops": lpr_crops, "sizes": asdict(sizes),
+         "entries": entries}))
+    return out
+
+
+class SampleCache:
+    """A cache written by `build_cache`, memory-mapped. `entries[i]` has record/gse/lpr meta;
+    LPR item k of entry i is row i*lpr_crops + k of the LPR arrays."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        if not (folder / "records.json").is_file():
+            raise InputError(f"{folder} is not a training cache (no records.json); "
+                             "build one with `finers-rt train cache`")
+        info = json.loads((folder / "records.json").read_text())
+        self.entries: list[dict[str, Any]] = info["entries"]
+        self.lpr_crops = int(info["lpr_crops"])
+        sizes = info["sizes"]
+        self.sizes = StageSizes(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in sizes.items()})
+        self.gse_images = np.load(folder / "gse_images.npy", mmap_mode="r")
+        self.lpr_images = np.load(folder / "lpr_images.npy", mmap_mode="r")
+        self.lpr_masks = np.load(folder / "lpr_masks.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def area_weights(self, min_area_percent: float) -> np.ndarray:
+        """Sampling weights [N] float64: 1 for targets of at least `min_area_percent`, else 0
+        (uniform when nothing qualifies). A curriculum starts high and lowers it to 0."""
+        areas = np.array([e["record"]["area_percent"] for e in self.entries])
+        weights = (areas >= min_area_percent).astype(np.float64)
+        if weights.sum() == 0:
+            weights[:] = 1.0
+        return weights / weights.sum()

@@ -1,0 +1,90 @@
+"""Generation with the torch model and quick held-out metrics for the learning curves.
+
+The real evaluation is `finers-rt eval` on an exported bundle (official metrics); this one runs
+inside training on a cache and measures what each stage is responsible for:
+GSE: region recall (GT box inside the crop the pipeline would take), centre hit, valid rate.
+LPR: box IoU > 0.5 rate, mean IoU, points on the object, valid rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from finers_rt import geometry
+from finers_rt.parsing import parse_output
+from finers_rt.train.batch import Collator
+from finers_rt.train.data import SampleCache, gse_prompt, lpr_prompt
+from finers_rt.train.rewards import gse_reward, lpr_reward
+
+
+def prompt_inputs(collator: Collator, image: np.ndarray, text: str) -> dict[str, torch.Tensor]:
+    """HF model inputs (batch 1) of the prompt only: image [h, w, 3] uint8, user text."""
+    batch = collator([image], [text], [""])
+    n_prompt = int(batch.answer_pos[0]) + 1
+    return {"input_ids": batch.input_ids[:, :n_prompt],
+            "attention_mask": batch.attention_mask[:, :n_prompt],
+            "pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
+
+
+@torch.no_grad()
+def generate_texts(model, collator: Collator, image: np.ndarray, text: str,
+                   max_new_tokens: int = 96, num_samples: int = 1, temperature: float = 0.0
+                   ) -> tuple[list[str], torch.Tensor, int]:
+    """Generate `num_samples` answers (greedy when temperature is 0).
+
+    Returns (texts, sequences [n, prompt + new] int64 (prompt included), prompt length)."""
+    inputs = prompt_inputs(collator, image, text)
+    end_ids = [collator.end_id, collator.pad_id]
+    kwargs: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0,
+                  "num_return_sequences": num_samples}
+    seqs = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=end_ids,
+                          pad_token_id=collator.pad_id, repetition_penalty=1.0, **kwargs)
+    n_prompt = inputs["input_ids"].shape[1]
+    texts = collator.tokenizer.batch_decode(seqs[:, n_prompt:], skip_special_tokens=True)
+    return texts, seqs, n_prompt
+
+
+def evaluate_stage(model, collator: Collator, cache: SampleCache, stage: str,
+                   limit: int | None = None) -> dict[str, float]:
+    """Greedy-decode the first `limit` cache entries and return the stage's metrics."""
+    n = len(cache) if limit is None else min(limit, len(cache))
+    rows = [(_eval_gse if stage == "gse" else _eval_lpr)(model, collator, cache, i) for i in range(n)]
+    return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+
+
+def _eval_gse(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
+    entry, sizes = cache.entries[i], cache.sizes
+    record = entry["record"]
+    text = generate_texts(model, collator, np.asarray(cache.gse_images[i]), gse_prompt(record))[0][0]
+    reward = gse_reward(text, record, entry["gse"]["region_stage"], entry["gse"]["gt_box_stage"],
+                        sizes.region_side_stage())
+    parsed = parse_output(text)
+    recall = hit = 0.0
+    if parsed.bbox_xyxy is not None:
+        scene_wh = sizes.scene_size_wh
+        region = geometry.stage_to_frame_box(parsed.bbox_xyxy, scene_wh, sizes.gse_size_wh)
+        crop = geometry.dynamic_box(region, scene_wh, sizes.crop_min_side)
+        gt = entry["gse"]["gt_box_original"]
+        recall = float(geometry.box_inside(gt, crop))
+        box = entry["gse"]["gt_box_stage"]
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        x1, y1, x2, y2 = parsed.bbox_xyxy
+        hit = float(x1 <= cx <= x2 and y1 <= cy <= y2)
+    return {"region_recall": recall, "centre_hit": hit, "valid": reward["json"],
+            "format": reward["format"], "answer": reward["answer"], "reward": reward["total"]}
+
+
+def _eval_lpr(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
+    entry = cache.entries[i]
+    record, meta = entry["record"], entry["lpr"][0]
+    row = i * cache.lpr_crops
+    text = generate_texts(model, collator, np.asarray(cache.lpr_images[row]), lpr_prompt(record))[0][0]
+    reward = lpr_reward(text, record, meta["box_stage"], np.asarray(cache.lpr_masks[row]))
+    return {"iou_gt_0.5": float(reward["box_iou"] > 0.5), "mean_iou": reward["box_iou"],
+            "points_on_object": reward["points"], "valid": reward["json"],
+            "format": reward["format"], "answer": reward["answer"], "reward": reward["total"]}

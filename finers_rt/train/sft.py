@@ -1,0 +1,244 @@
+"""Supervised fine-tuning of a GSE or LPR stage, nanoGPT style: one loop, top to bottom.
+
+    finers-rt train gse --cache CACHE --out RUN_DIR --steps 2000
+    torchrun --nproc_per_node 4 -m finers_rt.cli train gse ...   (DDP: one process per rank)
+
+The run is resumable (RUN_DIR/checkpoint + trainer_state.pt; see `checkpoint.py`), seeded
+(sampling, dropout-free model, torch RNG all restored on resume), logs loss / lr / ETA and
+writes RUN_DIR/checkpoint as an HF Qwen2.5-VL folder that `finers-rt export` takes.
+Losses: text CE on the answer tokens, a soft (Gaussian) CE on coordinate tokens, and a
+training-only pointer loss (`batch.PointerHead`) on the LM's image-token states.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from finers_rt.errors import InputError
+from finers_rt.train import checkpoint as ckpt
+from finers_rt.train.batch import Batch, Collator, PointerHead, token_losses
+from finers_rt.train.data import SampleCache, format_gse_answer, format_lpr_answer, gse_prompt, lpr_prompt
+
+STAGES = ("gse", "lpr")
+
+
+@dataclass(frozen=True)
+class SftConfig:
+    """One SFT run. `init` is a model config name ("finers-tiny", "test") or an HF folder."""
+
+    stage: str
+    cache_dir: str
+    out_dir: str
+    init: str = "finers-tiny"
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    coord_weight: float = 2.0
+    coord_sigma: float = 1.5
+    pointer_weight: float = 1.0
+    curriculum_steps: int = 0
+    curriculum_start: float = 0.03
+    save_every: int = 100
+    log_every: int = 10
+    eval_every: int = 0
+    eval_cache: str | None = None
+    eval_samples: int = 24
+    seed: int = 0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise InputError(f"stage must be one of {STAGES}, got '{self.stage}'")
+        for name in ("steps", "batch_size", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise InputError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
+
+
+def lr_at(cfg: SftConfig, step: int) -> float:
+    """Linear warm-up then cosine decay to min_lr over `steps`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def min_area_at(cfg: SftConfig, step: int) -> float:
+    """Curriculum: only targets of at least this area_percent are drawn (large first)."""
+    if cfg.curriculum_steps <= 0 or step >= cfg.curriculum_steps:
+        return 0.0
+    return cfg.curriculum_start * (1 - step / cfg.curriculum_steps)
+
+
+def stage_example(cache: SampleCache, stage: str, index: int, crop: int = 0):
+    """(image [h, w, 3] uint8, user text, target text, pointer (x, y)) of cache entry `index`."""
+    entry = cache.entries[index]
+    record = entry["record"]
+    if stage == "gse":
+        region = entry["gse"]["region_stage"]
+        box = entry["gse"]["gt_box_stage"]
+        return (np.asarray(cache.gse_images[index]), gse_prompt(record),
+                format_gse_answer(record, region), ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+    meta = entry["lpr"][crop]
+    box = meta["box_stage"]
+    return (np.asarray(cache.lpr_images[index * cache.lpr_crops + crop]), lpr_prompt(record),
+            format_lpr_answer(record, box, meta["points_stage"]),
+            ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+
+
+def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
+                 rng: np.random.Generator, step: int) -> Batch:
+    weights = cache.area_weights(min_area_at(cfg, step))
+    picks = rng.choice(len(cache), size=cfg.batch_size, p=weights)
+    crops = rng.integers(0, cache.lpr_crops, size=cfg.batch_size)
+    examples = [stage_example(cache, cfg.stage, int(i), int(k)) for i, k in zip(picks, crops)]
+    images, texts, targets, pointers = (list(col) for col in zip(*examples))
+    return collator(images, texts, targets, pointers)
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed (gloo) when run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return int(os.environ.get("RANK", "0")), world
+
+
+def build_model(cfg: SftConfig, run_dir: Path):
+    """(model, processor, source folder of the processor files, resumed state or None)."""
+    from finers_rt.export.checkpoints import load_processor
+    from finers_rt.train.model import MODEL_CONFIGS, make_initial_checkpoint
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    state_path = run_dir / "trainer_state.pt"
+    state = ckpt.load_state(state_path) if state_path.is_file() else None
+    if state is not None:
+        src = run_dir / "checkpoint"
+    elif cfg.init in MODEL_CONFIGS:
+        src = run_dir / "init"
+        if not (src / "config.json").is_file():
+            make_initial_checkpoint(src, cfg.init, seed=cfg.seed)
+    else:
+        src = Path(cfg.init)
+        if not (src / "config.json").is_file():
+            raise InputError(f"--init must be a model config {sorted(MODEL_CONFIGS)} or an HF "
+                             f"folder, got '{cfg.init}'")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(src), dtype=torch.float32, attn_implementation="sdpa")
+    return model, load_processor(src), src, state
+
+
+def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) SFT; return {"step", "loss", "checkpoint", "seconds"}."""
+    torch.set_num_threads(cfg.threads)
+    rank, world = setup_distributed()
+    run_dir = Path(cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache = SampleCache(cfg.cache_dir)
+    model, processor, src, state = build_model(cfg, run_dir)
+    collator = Collator(processor)
+    pointer = PointerHead(model.config.text_config.hidden_size)
+    params = list(model.parameters()) + list(pointer.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, rank]))
+    torch.manual_seed(cfg.seed + rank)
+    step = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        pointer.load_state_dict(state["pointer"])
+        ckpt.restore_rng(rng, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        step = int(state["step"])
+        log(f"resumed {run_dir} at step {step}")
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model)
+    model.train()
+    t0, done_at_start, loss_ema = time.time(), step, None
+    while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        batch = sample_batch(cache, cfg, collator, rng, step)
+        out = train_model(**batch.model_inputs(), output_hidden_states=True)
+        text_loss, coord_loss = token_losses(out.logits, batch.labels, collator, cfg.coord_sigma)
+        point_loss = pointer(out.hidden_states[-1], batch) if cfg.pointer_weight > 0 else text_loss * 0
+        loss = text_loss + cfg.coord_weight * coord_loss + cfg.pointer_weight * point_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            for p in pointer.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        loss_value = loss.item()
+        loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            rate = (step - done_at_start) / max(1e-9, time.time() - t0)
+            eta = (cfg.steps - step) / max(rate, 1e-9)
+            rec = {"step": step, "loss": round(float(loss), 4), "loss_ema": round(loss_ema, 4),
+                   "text": round(float(text_loss), 4), "coord": round(float(coord_loss), 4),
+                   "pointer": round(float(point_loss), 4), "lr": lr_at(cfg, step - 1),
+                   "steps_per_s": round(rate, 3), "elapsed_s": round(time.time() - t0, 1)}
+            ckpt.append_log(run_dir, rec)
+            log(f"[{cfg.stage}] step {step}/{cfg.steps} loss {float(loss):.3f} (ema {loss_ema:.3f}, "
+                f"coord {float(coord_loss):.3f}, pointer {float(point_loss):.3f}) "
+                f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            rngs = _gather_rngs(rng, world)
+            if rank == 0:
+                _save(run_dir, model, src, pointer, opt, step, rngs, cfg)
+                src = run_dir / "checkpoint"
+        if rank == 0 and cfg.eval_every and cfg.eval_cache and step % cfg.eval_every == 0:
+            _evaluate(cfg, model, collator, run_dir, step, log)
+    if world > 1:
+        torch.distributed.barrier()
+    return {"step": step, "loss": loss_ema, "checkpoint": str(run_dir / "checkpoint"),
+            "seconds": time.time() - t0}
+
+
+def _gather_rngs(rng, world: int) -> list[dict[str, Any]]:
+    """Every rank's sampler state (collective under DDP), so a resumed run draws the same."""
+    mine = ckpt.rng_state(rng)
+    if world == 1:
+        return [mine]
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _save(run_dir, model, src, pointer, opt, step, rngs, cfg) -> None:
+    ckpt.save_hf(model, src, run_dir / "checkpoint")
+    ckpt.save_state(run_dir / "trainer_state.pt", {
+        "step": step, "optimizer": opt.state_dict(), "pointer": pointer.state_dict(),
+        "rng": rngs, "config": asdict(cfg)})
+
+
+def _evaluate(cfg, model, collator, run_dir, step, log) -> None:
+    from finers_rt.train.evaluate import evaluate_stage
+
+    model.eval()
+    metrics = evaluate_stage(model, collator, SampleCache(cfg.eval_cache), cfg.stage,
+                             limit=cfg.eval_samples)
+    model.train()
+    ckpt.append_log(run_dir, {"step": step, "eval": metrics})
+    log(f"[{cfg.stage}] eval at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
