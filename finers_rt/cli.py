@@ -18,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="finers-rt: FineRS tiny-object reasoning and segmentation at the edge.")
 export_app = typer.Typer(no_args_is_help=True, help="Export checkpoints to an engine bundle (needs the 'export' extra).")
 app.add_typer(export_app, name="export")
+train_app = typer.Typer(no_args_is_help=True, help="Train GSE / LPR / SAM stages (needs the 'train' extra).")
+app.add_typer(train_app, name="train")
 
 
 def _version_callback(value: bool) -> None:
@@ -218,6 +220,76 @@ def build_engines_cmd(
         meta = built[0]
         typer.echo(f"{len(built)} engine(s) built with TensorRT {meta.tensorrt_version} for {meta.device.name} "
                    f"(sm {'.'.join(map(str, meta.device.compute_capability))}); use them with the 'trt' backend")
+
+
+# -- train (finers_rt.train) --
+def _train_module(name: str, feature: str):
+    """Import finers_rt.train.NAME lazily; a missing torch stack names the 'train' extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"finers_rt.train.{name}")
+    except ImportError as exc:
+        from finers_rt.errors import MissingExtraError
+
+        raise MissingExtraError("train", exc.name or "torch", feature) from None
+
+
+@train_app.command("cache")
+def train_cache_cmd(
+    out_dir: str = typer.Argument(..., help="Folder for the sample cache (gse/lpr images, masks, records.json)."),
+    n_scenes: int = typer.Option(..., "--n-scenes", help="Synthetic scenes to render (1-3 questions each)."),
+    seed: int = typer.Option(1, "--seed", help="Synthetic dataset seed (keep held-out seeds apart)."),
+    lpr_crops: int = typer.Option(2, "--lpr-crops", help="Random pipeline-like crops per question."),
+    gse_size: str = typer.Option("644x364", "--gse-size", help="GSE stage size WxH."),
+    lpr_size: str = typer.Option("336x336", "--lpr-size", help="LPR stage size WxH."),
+) -> None:
+    """Render synthetic scenes into a training cache of GSE/LPR/SAM samples."""
+    data = _train_module("data", "finers-rt train cache")
+    from finers_rt.synth import parse_size_wh
+
+    sizes = data.StageSizes(gse_size_wh=parse_size_wh(gse_size), lpr_size_wh=parse_size_wh(lpr_size))
+    out = data.build_cache(out_dir, seed, n_scenes, sizes, lpr_crops=lpr_crops, log=typer.echo)
+    typer.echo(f"cache -> {out}")
+
+
+def _sft_command(stage: str):
+    def command(
+        cache: str = typer.Option(..., "--cache", help="Training cache folder (finers-rt train cache)."),
+        out: str = typer.Option(..., "--out", help="Run folder (checkpoint/, trainer_state.pt, log.jsonl); resumed if it has a state."),
+        init: str = typer.Option("finers-tiny", "--init", help="Model config (finers-tiny, test) or an HF folder to start from."),
+        steps: int = typer.Option(1000, "--steps", help="Total optimizer steps (a resumed run continues to this)."),
+        batch_size: int = typer.Option(8, "--batch-size", help="Samples per step and process."),
+        lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (cosine decay)."),
+        warmup: int = typer.Option(30, "--warmup", help="Warm-up steps."),
+        coord_sigma: float = typer.Option(1.5, "--coord-sigma", help="Soft coordinate target width in coordinate steps (0 = one-hot)."),
+        pointer_weight: float = typer.Option(1.0, "--pointer-weight", help="Weight of the training-only pointer loss (0 = off)."),
+        curriculum_steps: int = typer.Option(0, "--curriculum-steps", help="Steps over which small targets are phased in."),
+        save_every: int = typer.Option(100, "--save-every", help="Checkpoint every N steps."),
+        eval_every: int = typer.Option(0, "--eval-every", help="Greedy held-out eval every N steps (needs --eval-cache)."),
+        eval_cache: str = typer.Option(None, "--eval-cache", help="Held-out cache folder."),
+        eval_samples: int = typer.Option(24, "--eval-samples", help="Held-out samples per eval."),
+        seed: int = typer.Option(0, "--seed", help="Seed of init, sampling and torch."),
+        threads: int = typer.Option(1, "--threads", help="torch threads per process."),
+    ) -> None:
+        sft = _train_module("sft", f"finers-rt train {stage}")
+        cfg = sft.SftConfig(stage=stage, cache_dir=cache, out_dir=out, init=init, steps=steps,
+                            batch_size=batch_size, lr=lr, min_lr=lr / 10, warmup=warmup,
+                            coord_sigma=coord_sigma, pointer_weight=pointer_weight,
+                            curriculum_steps=curriculum_steps, save_every=save_every,
+                            eval_every=eval_every, eval_cache=eval_cache,
+                            eval_samples=eval_samples, seed=seed, threads=threads)
+        result = sft.train_sft(cfg, log=typer.echo)
+        typer.echo(f"{stage}: step {result['step']}, loss {result['loss']:.3f} -> "
+                   f"{result['checkpoint']} ({result['seconds']:.0f} s)")
+
+    command.__doc__ = (f"Supervised fine-tuning of the {stage.upper()} stage (resumable; "
+                       "torchrun for DDP).")
+    return command
+
+
+train_app.command("gse")(_sft_command("gse"))
+train_app.command("lpr")(_sft_command("lpr"))
 
 
 # ---- infer / eval (pipeline) -------------------------------------------------------------------
