@@ -170,6 +170,40 @@ def select_profile(profiles: tuple[EngineProfile, ...], shapes: Mapping[str, tup
                              "--max-new-tokens")
 
 
+
+def merge_profiles(profiles: tuple[EngineProfile, ...]) -> EngineProfile:
+    """One profile spanning several (elementwise min of mins, max of maxes; opt of the first),
+    for consumers that take a single profile, e.g. ONNX Runtime's TensorRT execution provider."""
+    shapes = {}
+    for name, first in profiles[0].shapes.items():
+        ranges = [p.shapes[name] for p in profiles]
+        lo = tuple(min(dims) for dims in zip(*(r.min for r in ranges)))
+        hi = tuple(max(dims) for dims in zip(*(r.max for r in ranges)))
+        shapes[name] = ShapeRange(lo, first.opt, hi, first.values)
+    return EngineProfile("+".join(p.name for p in profiles), shapes)
+
+
+def ort_trt_profile_options(graph_path: str | os.PathLike) -> dict[str, str]:
+    """`trt_profile_{min,opt,max}_shapes` for ONNX Runtime's TensorRT EP, from the manifest beside
+    `graph_path` (default ProfileLimits), so the EP builds one engine for every shape the runtime
+    sends instead of rebuilding as the KV cache grows. {} for a graph without a stage manifest or
+    without dynamic inputs."""
+    path = Path(graph_path)
+    try:
+        manifest = _load_stage(path.parent)
+    except ManifestError:
+        return {}
+    graph = next((g for g, spec in manifest.graphs.items() if spec.file == path.name), None)
+    if graph is None:
+        return {}
+    limits = ProfileLimits()
+    profile = merge_profiles(profiles_from_manifest(manifest, limits.max_batch, limits.max_prompt_tokens)[graph])
+    if all(r.min == r.max for r in profile.shapes.values()):
+        return {}
+    return {f"trt_profile_{which}_shapes": ",".join(f"{name}:{'x'.join(map(str, getattr(r, which)))}"
+                                                    for name, r in profile.shapes.items())
+            for which in ("min", "opt", "max")}
+
 # ---- metadata sidecar (pure) ------------------------------------------------------------------
 
 
@@ -444,4 +478,4 @@ def _write_engine(stack: Any, plan: EnginePlan, serialized: Any, digest: str, pr
 
 __all__ = ["ShapeRange", "EngineProfile", "ProfileLimits", "profiles_from_manifest", "select_profile",
            "DeviceInfo", "EngineMetadata", "load_engine_metadata", "check_engine_metadata", "EnginePlan",
-           "plan_engine_builds", "build_engines", "build_one"]
+           "plan_engine_builds", "build_engines", "build_one", "merge_profiles", "ort_trt_profile_options"]

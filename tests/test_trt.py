@@ -457,3 +457,33 @@ def test_gpu_engine_from_another_graph_is_refused(tiny_bundle, tmp_path):
     manifest_path.write_text(json.dumps(data))
     with pytest.raises(EngineProfileError, match="built from graph sha256 .* rebuild it"):
         create_backend(bundle / "sam" / "image_encoder.onnx", BackendOptions(kind="trt", device="cuda"))
+
+
+# ---- ONNX Runtime's TensorRT execution provider gets the same profiles -----------------------------
+
+
+def test_ort_tensorrt_provider_gets_manifest_profiles(tmp_path):
+    from finers_rt.backends.ort import provider_list
+    from finers_rt.trt import merge_profiles, ort_trt_profile_options
+
+    stage = write_stage(tmp_path / "lpr", vlm_dict(max_new_tokens=64))
+    merged = merge_profiles(profiles_from_manifest(VlmStageManifest.from_dict(vlm_dict(max_new_tokens=64)))["decoder"])
+    s_max, context = 324 + 256, 324 + 256 + 64
+    assert merged.shapes["inputs_embeds"].min == (1, 1, H)
+    assert merged.shapes["inputs_embeds"].opt == (1, 1, H)  # decode is the hot loop
+    assert merged.shapes["inputs_embeds"].max == (1, s_max, H)
+    assert merged.shapes["attention_mask"].max == (1, 1, s_max, context)
+    options = ort_trt_profile_options(stage / "decoder.onnx")
+    assert options["trt_profile_min_shapes"].startswith("inputs_embeds:1x1x64,position_ids:3x1x1,")
+    assert f"attention_mask:1x1x{s_max}x{context}" in options["trt_profile_max_shapes"]
+    assert f"past_key_1:1x{context - 1}x{KV}x{D}" in options["trt_profile_max_shapes"]
+    assert ort_trt_profile_options(stage / "vision.onnx") == {}  # static graph: nothing to say
+    assert ort_trt_profile_options(tmp_path / "loose.onnx") == {}  # no manifest beside it
+    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers = provider_list(stage / "decoder.onnx", wanted, ["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    (name, trt_options), cpu = providers
+    assert (name, cpu) == ("TensorrtExecutionProvider", "CPUExecutionProvider")
+    assert trt_options["trt_engine_cache_enable"] and trt_options["trt_engine_cache_path"] == str(stage / "ort_trt_cache")
+    assert trt_options["trt_profile_max_shapes"] == options["trt_profile_max_shapes"]
+    assert provider_list(stage / "decoder.onnx", ["CPUExecutionProvider"], ["CPUExecutionProvider"]) == [
+        "CPUExecutionProvider"]

@@ -40,6 +40,30 @@ def session_options(options: BackendOptions) -> ort.SessionOptions:
     return so
 
 
+def provider_list(path: Path, wanted: list[str], available: list[str]) -> list:
+    """The wanted providers this build has; the TensorRT EP gets an engine + timing cache beside
+    the graph (or in ~/.cache if that folder is read-only) and, for graphs with dynamic inputs,
+    explicit profile shapes from the stage manifest (`finers_rt.trt.ort_trt_profile_options`) so
+    it does not rebuild its engine each time the KV cache outgrows the shapes it has seen."""
+    providers: list = []
+    for name in (p for p in wanted if p in available):
+        if name == "TensorrtExecutionProvider":
+            from finers_rt.trt import ort_trt_profile_options
+
+            cache = path.parent / "ort_trt_cache"
+            if not os.access(path.parent, os.W_OK):
+                cache = Path.home() / ".cache" / "finers-rt" / "ort_trt_cache" / path.parent.name
+            options = {"device_id": 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                       "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+                       **ort_trt_profile_options(path)}
+            providers.append((name, options))
+        elif name == "CUDAExecutionProvider":
+            providers.append((name, {"device_id": 0}))
+        else:
+            providers.append(name)
+    return providers
+
+
 class OrtBackend:
     """A graph on ONNX Runtime. `run` takes and returns numpy arrays keyed by tensor name."""
 
@@ -60,7 +84,7 @@ class OrtBackend:
                 "(onnxruntime-gpu) on a machine with an NVIDIA GPU")
         try:
             self.session = ort.InferenceSession(str(self.path), session_options(self.options),
-                                                providers=[p for p in wanted if p in available])
+                                                providers=provider_list(self.path, wanted, available))
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ArtifactError(f"{self.path}: ONNX Runtime cannot load this graph: "
                                 f"{str(exc).splitlines()[0][:300]}") from None
