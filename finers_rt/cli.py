@@ -292,6 +292,26 @@ train_app.command("gse")(_sft_command("gse"))
 train_app.command("lpr")(_sft_command("lpr"))
 
 
+@train_app.command("sam")
+def train_sam_cmd(
+    cache: str = typer.Option(..., "--cache", help="Training cache folder (finers-rt train cache)."),
+    out: str = typer.Option(..., "--out", help="Run folder (sam.pth, sam_config.json, trainer_state.pt, log.jsonl); resumed if it has a state."),
+    steps: int = typer.Option(600, "--steps", help="Total optimizer steps."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Crops per step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (cosine decay)."),
+    save_every: int = typer.Option(100, "--save-every", help="Checkpoint every N steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed of init and sampling."),
+    threads: int = typer.Option(1, "--threads", help="torch threads."),
+) -> None:
+    """Train the small SAM-family mask model on box + two-point prompts (resumable)."""
+    sam_train = _train_module("sam_train", "finers-rt train sam")
+    cfg = sam_train.SamTrainConfig(cache_dir=cache, out_dir=out, steps=steps, batch_size=batch_size,
+                                   lr=lr, save_every=save_every, seed=seed, threads=threads)
+    result = sam_train.train_sam(cfg, log=typer.echo)
+    typer.echo(f"sam: step {result['step']}, train IoU {result['iou']:.3f} -> {result['checkpoint']} "
+               f"({result['seconds']:.0f} s)")
+
+
 # ---- infer / eval (pipeline) -------------------------------------------------------------------
 
 _QTYPES = "referring|reasoning|option"
