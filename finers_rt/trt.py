@@ -28,7 +28,6 @@ from finers_rt.manifest import (BUNDLE_FORMAT, MANIFEST_NAME, SAM_FORMAT, VLM_FO
 
 ENGINE_FORMAT = "finers-rt.trt-engine"
 ENGINE_SUFFIX = ".engine"
-METADATA_SUFFIX = ".engine.json"
 REBUILD_HINT = "rebuild it on this machine with `finers-rt build-engines BUNDLE --force`"
 SAM_DECODER_POINTS_OPT = 4  # the runtime sends 2 points + 2 box corners
 
@@ -95,13 +94,15 @@ DimRanges = Mapping[str, tuple[int, int, int]]
 
 
 def _decoder_dims(manifest: VlmStageManifest, limits: ProfileLimits) -> list[tuple[str, DimRanges]]:
-    """decode (seq = 1, the hot loop) and prefill (seq up to image tokens + prompt budget) profiles.
-    The longest context is prefill + max_new_tokens; a step sees past <= context - 1 cached tokens."""
+    """decode (seq = 1, the hot loop) and prefill (chunks of the prompt) profiles. A prefill
+    (prefix, then question after the prefix) never holds more than S_max = image tokens + prompt
+    budget in total; the longest context is S_max + max_new_tokens, so a decode step sees
+    past <= context - 1 cached tokens."""
     s_max = manifest.image.num_image_tokens + limits.max_prompt_tokens
     context = s_max + (limits.max_new_tokens or manifest.generation.max_new_tokens)
     batch = (1, 1, limits.max_batch)
     decode = {"batch": batch, "seq": (1, 1, 1), "past": (0, s_max, context - 1), "total": (1, s_max + 1, context)}
-    prefill = {"batch": batch, "seq": (1, s_max, s_max), "past": (0, 0, context - 1), "total": (1, s_max, context)}
+    prefill = {"batch": batch, "seq": (1, s_max, s_max), "past": (0, 0, s_max - 1), "total": (1, s_max, s_max)}
     return [("decode", decode), ("prefill", prefill)]
 
 
@@ -238,8 +239,8 @@ class EngineMetadata(_Serialisable):
 
 
 def metadata_path(engine_path: str | os.PathLike) -> Path:
-    return Path(str(engine_path)[: -len(ENGINE_SUFFIX)] + METADATA_SUFFIX) if str(engine_path).endswith(
-        ENGINE_SUFFIX) else Path(str(engine_path) + ".json")
+    """`<graph>.engine` -> `<graph>.engine.json`."""
+    return Path(f"{engine_path}.json")
 
 
 def load_engine_metadata(engine_path: str | os.PathLike) -> EngineMetadata:
@@ -344,9 +345,6 @@ def plan_engine_builds(path: str | os.PathLike, limits: ProfileLimits | None = N
     if existing:
         raise ArtifactError(f"engine(s) already exist: {', '.join(existing)}; pass --force to rebuild them")
     return plans
-
-
-# ---- the device stack (lazy imports) ----------------------------------------------------------
 
 
 # ---- building (needs tensorrt + a GPU) ----------------------------------------------------------

@@ -149,7 +149,8 @@ def test_decoder_profiles_cover_prefill_and_decode():
     assert decode.shapes["past_key_1"].opt == (1, s_max, KV, D)
     assert decode.shapes["past_key_1"].max == (2, context - 1, KV, D)
     assert decode.shapes["attention_mask"].max == (2, 1, 1, context)
-    assert prefill.shapes["attention_mask"].max == (2, 1, s_max, context)
+    assert prefill.shapes["attention_mask"].max == (2, 1, s_max, s_max)  # a prompt never exceeds S_max
+    assert prefill.shapes["past_value_0"].max == (2, s_max - 1, KV, D)
     assert all(r.values is None for p in profiles["decoder"] for r in p.shapes.values())
 
 
@@ -177,6 +178,8 @@ def test_every_step_of_a_generation_finds_a_profile():
     assert "decoder.engine: input 'attention_mask' shape [1, 1, 1, 395]" in message
     assert "profile 'decode': attention_mask min [1, 1, 1, 1] max [1, 1, 1, 394]" in message
     assert "--max-new-tokens" in message
+    with pytest.raises(EngineProfileError, match="input 'inputs_embeds' shape \\[1, 2, 64\\].*'prefill'"):
+        select_profile(profiles, _decoder_shapes(1, 2, prefix + question))  # a chunk past the prompt budget
     with pytest.raises(EngineProfileError, match="input 'inputs_embeds' shape \\[2, 1, 64\\]"):
         select_profile(profiles, _decoder_shapes(2, 1, 10))  # built for batch 1 only
 

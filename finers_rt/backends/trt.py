@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -218,6 +219,7 @@ class TrtBackend:
         self._host_keepalive: dict[str, np.ndarray] = {}  # shape-tensor values TensorRT reads at enqueue
         self._allocator = None
         self._profile: int | None = None
+        self._lock = threading.Lock()  # one execution context and one set of buffers per backend
         self.stream = None
         self._load_engine()
         self.stream = cuda_call(self.cudart, self.cudart.cudaStreamCreate(), "cudaStreamCreate")
@@ -254,7 +256,12 @@ class TrtBackend:
             output_names: list[str] | None = None) -> dict[str, np.ndarray]:
         """`feeds`: every engine input by name, numpy with the engine's dtype. Returns the requested
         outputs (all by default) as new numpy arrays. Shapes outside every optimisation profile
-        raise EngineProfileError naming the tensor, its shape and the profile ranges."""
+        raise EngineProfileError naming the tensor, its shape and the profile ranges. Thread-safe
+        (calls are serialised)."""
+        with self._lock:
+            return self._run(feeds, output_names)
+
+    def _run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> dict[str, np.ndarray]:
         arrays = self._check_feeds(feeds)
         names = list(output_names or self._output_names)
         for name in names:
