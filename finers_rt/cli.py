@@ -312,6 +312,33 @@ def train_sam_cmd(
                f"({result['seconds']:.0f} s)")
 
 
+@train_app.command("rl")
+def train_rl_cmd(
+    stage: str = typer.Option(..., "--stage", help="gse or lpr."),
+    init: str = typer.Option(..., "--init", help="HF checkpoint to start from (an SFT run's checkpoint/)."),
+    cache: str = typer.Option(..., "--cache", help="Training cache folder (finers-rt train cache)."),
+    out: str = typer.Option(..., "--out", help="Run folder; resumed if it has a trainer state."),
+    lpr: str = typer.Option(None, "--lpr", help="LPR checkpoint that picks GSE's retrospective target region (gse only)."),
+    steps: int = typer.Option(100, "--steps", help="Total update steps."),
+    prompts_per_step: int = typer.Option(2, "--prompts", help="Prompts per step."),
+    group_size: int = typer.Option(4, "--group", help="Sampled answers per prompt (G)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature."),
+    lr: float = typer.Option(1e-5, "--lr", help="Learning rate."),
+    save_every: int = typer.Option(20, "--save-every", help="Checkpoint every N steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed of sampling."),
+    threads: int = typer.Option(1, "--threads", help="torch threads."),
+) -> None:
+    """GRPO with the FineRS rewards (GSE: locate-informed retrospective target regions)."""
+    grpo = _train_module("grpo", "finers-rt train rl")
+    cfg = grpo.GrpoConfig(stage=stage, init=init, cache_dir=cache, out_dir=out, lpr=lpr,
+                          steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
+                          temperature=temperature, lr=lr, save_every=save_every, seed=seed,
+                          threads=threads)
+    result = grpo.train_grpo(cfg, log=typer.echo)
+    typer.echo(f"rl {stage}: step {result['step']}, reward {result['reward']:.3f} -> "
+               f"{result['checkpoint']} ({result['seconds']:.0f} s)")
+
+
 # ---- infer / eval (pipeline) -------------------------------------------------------------------
 
 _QTYPES = "referring|reasoning|option"

@@ -142,30 +142,42 @@ def make_gse_item(image: np.ndarray, record: dict[str, Any], sizes: StageSizes) 
 
 def make_lpr_item(image: np.ndarray, record: dict[str, Any], sizes: StageSizes,
                   rng: np.random.Generator) -> dict[str, Any]:
-    """A pipeline-like crop containing the target, resized to the LPR stage.
-
-    Returns image [h, w, 3] uint8, mask [h, w] bool (the target in the stage frame) and meta
-    (crop in original pixels, GT box and two inscribed points in the LPR stage frame)."""
+    """A pipeline-like crop containing the target (a random ~256-in-1920 region that contains
+    it, grown by the dynamic box), resized to the LPR stage; see `crop_item`."""
     height, width = image.shape[:2]
     box = polygon_box_xyxy(record["points"])
     region = random_region(box, sizes.region_side_original((width, height)), (width, height), rng)
-    crop = geometry.dynamic_box(region, (width, height), sizes.crop_min_side)
-    x1, y1, x2, y2 = crop
+    return crop_item(image, record, geometry.dynamic_box(region, (width, height),
+                                                         sizes.crop_min_side), sizes)
+
+
+def crop_item(image: np.ndarray, record: dict[str, Any], crop_xyxy: Any,
+              sizes: StageSizes) -> dict[str, Any]:
+    """The crop `crop_xyxy` (original pixels, half-open) resized to the LPR stage.
+
+    Returns image [h, w, 3] uint8, mask [h, w] bool (the target in the stage frame, empty if
+    the target is outside the crop) and meta (crop, GT box and two inscribed points in the LPR
+    stage frame; box and points are None when the target is not in the crop)."""
+    x1, y1, x2, y2 = (int(v) for v in crop_xyxy)
     crop_wh = (x2 - x1, y2 - y1)
+    if crop_wh[0] <= 0 or crop_wh[1] <= 0:
+        raise InputError(f"crop {tuple(crop_xyxy)} has no pixels")
     pts = np.asarray(record["points"], dtype=np.float64) - np.array([x1, y1])
     mask = polygon_to_mask(pts, crop_wh[1], crop_wh[0])
     stage_wh = sizes.lpr_size_wh
     stage_mask = cv2.resize(mask.astype(np.uint8), stage_wh, interpolation=cv2.INTER_NEAREST) > 0
-    if not stage_mask.any():  # a sliver lost by the resize: keep the nearest pixel
-        cx, cy = ((box[0] + box[2]) / 2 - x1) * stage_wh[0] / crop_wh[0], \
-                 ((box[1] + box[3]) / 2 - y1) * stage_wh[1] / crop_wh[1]
-        stage_mask[min(int(cy), stage_wh[1] - 1), min(int(cx), stage_wh[0] - 1)] = True
-    ys, xs = np.nonzero(stage_mask)
-    box_stage = (float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1)
-    points = inscribed_points(stage_mask)
+    if mask.any() and not stage_mask.any():  # a sliver lost by the resize: keep one pixel
+        ys, xs = np.nonzero(mask)
+        stage_mask[min(int(ys.mean() * stage_wh[1] / crop_wh[1]), stage_wh[1] - 1),
+                   min(int(xs.mean() * stage_wh[0] / crop_wh[0]), stage_wh[0] - 1)] = True
+    box_stage = points = None
+    if stage_mask.any():
+        ys, xs = np.nonzero(stage_mask)
+        box_stage = [float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1]
+        points = [list(p) for p in inscribed_points(stage_mask)]
     return {"image": resize_for_stage(image[y1:y2, x1:x2], stage_wh), "mask": stage_mask,
-            "meta": {"crop_original": [int(v) for v in crop], "box_stage": list(box_stage),
-                     "points_stage": [list(p) for p in points]}}
+            "meta": {"crop_original": [x1, y1, x2, y2], "box_stage": box_stage,
+                     "points_stage": points}}
 
 
 def iter_scene_items(seed: int, n_scenes: int, sizes: StageSizes, lpr_crops: int = 2,
@@ -219,6 +231,7 @@ class SampleCache:
         info = json.loads((folder / "records.json").read_text())
         self.entries: list[dict[str, Any]] = info["entries"]
         self.lpr_crops = int(info["lpr_crops"])
+        self.seed = int(info["seed"])
         sizes = info["sizes"]
         self.sizes = StageSizes(**{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in sizes.items()})
