@@ -1,0 +1,177 @@
+"""finers-rt bench: statistics helpers, options, torch-free import, end to end with the reference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finers_rt import bench
+from finers_rt.errors import InputError
+
+# ---- statistics and agreement helpers ----------------------------------------------------------
+
+
+def test_summarize_known_values():
+    stats = bench.summarize(list(range(1, 11)))
+    assert stats == {"p50": 5.5, "p90": pytest.approx(9.1), "max": 10.0, "mean": 5.5, "n": 10}
+    assert bench.summarize([7.0]) == {"p50": 7.0, "p90": 7.0, "max": 7.0, "mean": 7.0, "n": 1}
+    assert bench.summarize([]) == {"n": 0}
+    skewed = bench.summarize([1, 1, 1, 1, 100])
+    assert skewed["p50"] == 1.0 and skewed["max"] == 100.0 and skewed["p90"] == pytest.approx(60.4)
+
+
+def test_summarize_records_skips_absent_stages_and_sums_tokens():
+    records = [{"timings": {"total_ms": 10.0, "gse_decode_ms": 100.0, "gse_tokens": 10}},
+               {"timings": {"total_ms": 30.0, "gse_decode_ms": 300.0, "gse_tokens": 50,
+                            "sam_encoder_ms": 5.0}}]
+    out = bench.summarize_records(records)
+    assert out["stages"]["total_ms"]["p50"] == 20.0
+    assert out["stages"]["sam_encoder_ms"]["n"] == 1
+    assert "lpr_decode_ms" not in out["stages"]
+    assert out["gse_tok_per_s"] == pytest.approx(1000.0 * 60 / 400)
+    assert "lpr_tok_per_s" not in out
+
+
+def test_mask_iou_and_token_agreement():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    assert bench.mask_iou(a, b) == 1.0  # both empty: the official convention
+    a[:2] = True
+    b[1:3] = True
+    assert bench.mask_iou(a, b) == pytest.approx(4 / 12)
+    assert bench.token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5  # diverged at step 3
+    assert bench.token_agreement([1, 2], [1, 2, 3, 4]) == 0.5
+    assert bench.token_agreement([], []) == 1.0
+
+
+def test_prefix_agreement_counts_reference_tokens_followed():
+    vocab = {1: "ab", 2: "c", 3: "d", 4: "e"}
+
+    def decode(ids):
+        return "".join(vocab[i] for i in ids)
+
+    assert bench.prefix_agreement([1, 2, 3], "abcd", decode) == 1.0
+    assert bench.prefix_agreement([1, 2, 3, 4], "abcx", decode) == 0.5
+    assert bench.prefix_agreement([2, 3], "abcd", decode) == 0.0
+    assert bench.prefix_agreement([], "", decode) == 1.0
+
+
+def test_ratios_and_speedup_definition():
+    def side(total, rest):
+        stage = {"total_ms": {"p50": total}}
+        return {"single": {"stages": stage}, "repeat_first": {"stages": stage},
+                "repeat_rest": {"stages": {"total_ms": {"p50": rest}}}, "stages": {"stages": {}},
+                "batch": {"images_per_s": 2.0}}
+
+    out = bench.ratios(side(10.0, 1.0), side(50.0, 40.0))
+    assert out["single"]["total_ms"] == 5.0 and out["repeat_rest"]["total_ms"] == 40.0
+    assert out["batch_images_per_s"] == 1.0
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"queries_per_image": 1}, "queries_per_image must be >= 2"),
+    ({"iters": 0}, "iters must be >= 1"),
+    ({"warmup": -1}, "warmup must be >= 0"),
+    ({"attn": "flash"}, "attn must be auto, sdpa or eager"),
+    ({"image_size_wh": (10, 10)}, "image size must be >= 28x28"),
+])
+def test_bad_options(kwargs, needle):
+    with pytest.raises(InputError, match=needle):
+        bench.BenchOptions(**kwargs)
+
+
+def test_machine_helpers():
+    assert bench.measure_bandwidth(nbytes=8 << 20, repeats=2) > 0.01
+    if bench.reset_peak_rss():
+        assert bench.peak_rss_mb() > 1.0
+
+
+def test_centre_probe_is_inside_the_crop():
+    spec = bench.centre_probe((3840, 2160), 512)
+    x1, y1, x2, y2 = spec["crop_xyxy"]
+    assert (x2 - x1, y2 - y1) == (512, 512) and x1 < 1920 < x2
+    bx1, by1, bx2, by2 = spec["box_xyxy"]
+    assert 0 <= bx1 < bx2 <= 512 and all(bx1 <= px <= bx2 and by1 <= py <= by2
+                                         for px, py in spec["points_xy"])
+
+
+def test_bench_modules_are_torch_free():
+    code = ("import sys, finers_rt.bench, finers_rt.bench_run, finers_rt.bench_report, finers_rt.cli; "
+            "bad = [m for m in ('torch', 'transformers', 'segment_anything') if m in sys.modules]; "
+            "assert not bad, bad")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+# ---- end to end on a tiny bundle, with the reference ----------------------------------------
+
+SAM_TINY = {"encoder_embed_dim": 64, "encoder_depth": 2, "encoder_num_heads": 2,
+            "encoder_global_attn_indexes": [1], "image_size": 256, "prompt_embed_dim": 64,
+            "decoder_mlp_dim": 128, "decoder_num_heads": 2, "iou_head_hidden_dim": 64,
+            "mask_in_chans": 8}
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory, make_vlm_checkpoint) -> Path:
+    from finers_rt.export.bundle import export_bundle
+    from finers_rt.export.sam_configs import make_random_sam_checkpoint, resolve_sam_config
+
+    root = tmp_path_factory.mktemp("bench-bundle")
+    (root / "sam.json").write_text(json.dumps(SAM_TINY))
+    sam_ckpt = make_random_sam_checkpoint(root / "sam.pth",
+                                          resolve_sam_config("vit_b", root / "sam.json"), seed=0)
+    export_bundle(make_vlm_checkpoint("tiny", 0), make_vlm_checkpoint("tiny", 1), sam_ckpt,
+                  root / "bundle", sam_config=root / "sam.json", gse_size_wh=(224, 140),
+                  lpr_size_wh=(112, 112))
+    return root / "bundle"
+
+
+def test_bench_cli_reference_end_to_end(tiny_bundle, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from finers_rt.cli import app
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["bench", "--model", str(tiny_bundle), "--reference", "--iters", "1", "--warmup", "0",
+            "--queries-per-image", "2", "--batch", "1", "--image-size", "640x360",
+            "--max-new-tokens", "6", "--threads", "1", "--attn", "sdpa",
+            "--json", str(out_json), "--plot", str(out_png)]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    assert "speedup e2e" in run.output
+    data = json.loads(out_json.read_text())
+    for key in ("speedup_e2e", "speedup_repeat_query", "ours", "reference", "agreement",
+                "environment", "floors", "bandwidth_gbs", "ratios_p50"):
+        assert key in data, key
+    assert data["speedup_e2e"] > 0 and data["speedup_repeat_query"] > 0
+    for side in ("ours", "reference"):
+        stages = data[side]["single"]["stages"]
+        assert stages["total_ms"]["n"] == 1 and stages["gse_decode_ms"]["p50"] > 0
+        assert data[side]["repeat_rest"]["stages"]["total_ms"]["n"] == 1
+        assert data[side]["stages"]["stages"]["sam_encoder_ms"]["n"] == 1
+        assert data[side]["peak_rss_mb"] is None or data[side]["peak_rss_mb"] > 0
+    # Same checkpoints, same greedy decoding: the outputs must agree.
+    agree = data["agreement"]
+    assert agree["queries"] == 3
+    assert agree["gse_text_equal"] == 1.0 and agree["gse_token_agreement"] == 1.0
+    assert agree["probe_lpr_token_agreement"] == 1.0
+    assert agree["probe_mask_iou_min"] > 0.95 and agree["mask_iou_min"] > 0.95
+    # The 2nd question reuses the runtime's prefix cache: no vision pass.
+    assert data["ours"]["repeat_rest"]["stages"]["gse_vision_ms"]["max"] == 0.0
+    assert data["reference"]["repeat_rest"]["stages"]["gse_vision_ms"]["p50"] > 0.0
+    env = data["environment"]
+    assert env["onnxruntime"] and env["torch"] and "load_average_start" in env
+    assert data["command"].startswith("finers-rt bench")
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_cli_bad_model_is_a_clean_error(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "finers_rt.cli", "bench", "--model", str(tmp_path),
+                          "--iters", "1", "--warmup", "0"], capture_output=True, text=True)
+    assert run.returncode == 2 and "error:" in run.stderr and "Traceback" not in run.stderr
