@@ -59,6 +59,52 @@ def synth_cmd(
     typer.echo(f"Q-type {s.q_types}; attribute {s.attributes}; size bucket {s.buckets}")
 
 
+# -- bench (finers_rt.bench, finers_rt.bench_run, finers_rt.bench_report) --
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Option(None, "--model", help="Bundle folder (default: the shipped finers-tiny)."),
+    reference: bool = typer.Option(False, "--reference", help="Also run the torch reference (HF generate + SamPredictor) on the bundle's source checkpoints; needs the 'export' extra."),
+    queries_per_image: int = typer.Option(3, "--queries-per-image", help="K questions on the same image in the repeat scenario (>= 2)."),
+    iters: int = typer.Option(3, "--iters", help="Measured iterations (images) per scenario."),
+    warmup: int = typer.Option(1, "--warmup", help="Warm-up queries (own images) before measuring."),
+    batch: int = typer.Option(2, "--batch", help="Different images in the batch scenario."),
+    image_size: str = typer.Option("3840x2160", "--image-size", help="Generated bench image size WIDTHxHEIGHT."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Token cap per stage (default: the bundle's, 1024)."),
+    threads: int = typer.Option(None, "--threads", help="ORT intra-op threads (default: ORT's choice)."),
+    attn: str = typer.Option("auto", "--attn", help="Reference attention: auto (fastest of sdpa/eager), sdpa or eager."),
+    json_out: str = typer.Option(None, "--json", help="Write the full record (per-stage numbers, environment, speedups) to FILE."),
+    plot: str = typer.Option(None, "--plot", help="Write a PNG of per-stage p50 times to FILE."),
+) -> None:
+    """Per-stage latency, memory and output agreement of finers-rt against the torch reference."""
+    from rich.console import Console
+
+    from finers_rt.bench import BenchOptions, bench_command_line, save_json
+    from finers_rt.bench_report import render_tables, write_plot
+    from finers_rt.bench_run import run_bench
+    from finers_rt.synth import parse_size_wh
+
+    opts = BenchOptions(model=model, reference=reference, queries_per_image=queries_per_image,
+                        iters=iters, warmup=warmup, batch=batch, image_size_wh=parse_size_wh(image_size),
+                        max_new_tokens=max_new_tokens, threads=threads, attn=attn)
+    if reference:
+        try:
+            import finers_rt.export.reference  # noqa: F401
+        except ImportError as exc:
+            from finers_rt.errors import MissingExtraError
+
+            raise MissingExtraError("export", exc.name or "torch", "finers-rt bench --reference") from None
+    result = run_bench(opts, log=lambda m: typer.echo(m, err=True))
+    result["command"] = bench_command_line(opts, json_out, plot)
+    console = Console()
+    for table in render_tables(result):
+        console.print(table)
+    if json_out:
+        save_json(result, json_out)
+        typer.echo(f"wrote {json_out}", err=True)
+    if plot:
+        typer.echo(f"wrote {write_plot(result, plot)}", err=True)
+
+
 # -- score (finers_rt.metrics) --
 @app.command("score")
 def score_cmd(
