@@ -68,7 +68,7 @@ def sample_prompts(cache: SampleCache, rows: np.ndarray, size: int, jitter: floa
     for row in rows:
         index, crop = divmod(int(row), cache.lpr_crops)
         meta = cache.entries[index]["lpr"][crop]
-        image = torch.from_numpy(np.asarray(cache.lpr_images[row])).permute(2, 0, 1).float()
+        image = torch.from_numpy(np.array(cache.lpr_images[row])).permute(2, 0, 1).float()
         scale = size / image.shape[-1]
         images.append(F.interpolate(image[None], size=(size, size), mode="bilinear",
                                     align_corners=False, antialias=True)[0])
@@ -77,7 +77,7 @@ def sample_prompts(cache: SampleCache, rows: np.ndarray, size: int, jitter: floa
         box = box + rng.uniform(-jitter, jitter, 4) * wh
         boxes.append(box * scale)
         points.append(np.asarray(meta["points_stage"], dtype=np.float64) * scale)
-        mask = torch.from_numpy(np.asarray(cache.lpr_masks[row])).float()[None, None]
+        mask = torch.from_numpy(np.array(cache.lpr_masks[row])).float()[None, None]
         masks.append(F.interpolate(mask, size=(size // 4, size // 4), mode="area")[0, 0])
     return (torch.stack(images), torch.tensor(np.array(boxes), dtype=torch.float32),
             torch.tensor(np.array(points), dtype=torch.float32), torch.stack(masks))

@@ -190,13 +190,13 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
             rate = (step - done_at_start) / max(1e-9, time.time() - t0)
             eta = (cfg.steps - step) / max(rate, 1e-9)
-            rec = {"step": step, "loss": round(float(loss), 4), "loss_ema": round(loss_ema, 4),
-                   "text": round(float(text_loss), 4), "coord": round(float(coord_loss), 4),
-                   "pointer": round(float(point_loss), 4), "lr": lr_at(cfg, step - 1),
+            rec = {"step": step, "loss": round(loss_value, 4), "loss_ema": round(loss_ema, 4),
+                   "text": round(text_loss.item(), 4), "coord": round(coord_loss.item(), 4),
+                   "pointer": round(point_loss.item(), 4), "lr": lr_at(cfg, step - 1),
                    "steps_per_s": round(rate, 3), "elapsed_s": round(time.time() - t0, 1)}
             ckpt.append_log(run_dir, rec)
-            log(f"[{cfg.stage}] step {step}/{cfg.steps} loss {float(loss):.3f} (ema {loss_ema:.3f}, "
-                f"coord {float(coord_loss):.3f}, pointer {float(point_loss):.3f}) "
+            log(f"[{cfg.stage}] step {step}/{cfg.steps} loss {loss_value:.3f} (ema {loss_ema:.3f}, "
+                f"coord {rec['coord']:.3f}, pointer {rec['pointer']:.3f}) "
                 f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
         if step % cfg.save_every == 0 or step == cfg.steps:
             rngs = _gather_rngs(rng, world)

@@ -1,0 +1,302 @@
+"""Training module: rewards, retrospective regions, SFT / SAM / GRPO loops, resume, export.
+
+Models are the `test` config (LM 2x64, vision 2x32) on a tiny cache of 640x360 scenes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from finers_rt.errors import InputError  # noqa: E402
+from finers_rt.parsing import parse_output  # noqa: E402
+from finers_rt.train import rewards  # noqa: E402
+from finers_rt.train.data import StageSizes  # noqa: E402
+
+SIZES = StageSizes(gse_size_wh=(112, 84), lpr_size_wh=(56, 56), scene_size_wh=(640, 360),
+                   crop_min_side=128)
+REF = {"Q-type": "referring", "Q": "the red star", "A": "The object is found."}
+GOOD_LPR = ("<think>x</think><answer>{'bbox': [10,10,20,20], 'points_1': [12,12], "
+            "'points_2': [15,15], 'response': 'The object is found.'}</answer>")
+
+
+# ---- rewards -----------------------------------------------------------------------------------
+
+def test_format_and_json_rewards():
+    assert rewards.format_reward(GOOD_LPR) == 1.0
+    assert rewards.format_reward("<answer>{}</answer>") == 0.0
+    assert rewards.format_reward("<think>a</think><answer>b</answer> trailing") == 0.0
+    assert rewards.json_reward(parse_output(GOOD_LPR), needs_points=True) == 1.0
+    no_points = "<answer>{'bbox': [1,2,3,4]}</answer>"
+    assert rewards.json_reward(parse_output(no_points), needs_points=True) == 0.0
+    assert rewards.json_reward(parse_output(no_points), needs_points=False) == 1.0
+    assert rewards.json_reward(parse_output("{'bbox': [1,2]}"), needs_points=False) == 0.0
+
+
+def test_answer_reward_per_question_type():
+    assert rewards.answer_reward("The object is found.", REF) == 1.0
+    assert rewards.answer_reward("The object is not found.", REF) == 0.0
+    option = {"Q-type": "option", "A": "B"}
+    assert rewards.answer_reward("(B)", option) == 1.0
+    assert rewards.answer_reward("A", option) == 0.0
+    reasoning = {"Q-type": "reasoning", "A": "purple"}
+    assert rewards.answer_reward("it is purpel", reasoning) == 1.0
+    assert rewards.answer_reward("green", reasoning) == 0.0
+    assert rewards.answer_reward(None, reasoning) == 0.0
+
+
+def test_gse_reward_components():
+    target, gt, side = (100, 100, 186, 186), (140, 140, 150, 150), (86, 86)
+    text = "<think>t</think><answer>{'bbox': [100,100,186,186], 'response': 'The object is found.'}</answer>"
+    r = rewards.gse_reward(text, REF, target, gt, side)
+    assert r == pytest.approx({"format": 1, "json": 1, "answer": 1, "region_l1": 1, "region_iou": 1,
+                               "inside": 1, "size": 1, "total": 7})
+    off = "<answer>{'bbox': [0,0,43,43], 'response': 'no such object'}</answer>"
+    r = rewards.gse_reward(off, REF, target, gt, side)
+    assert r["format"] == 0 and r["answer"] == 0 and r["inside"] == 0 and r["region_iou"] == 0
+    assert r["size"] == pytest.approx(0.5)
+    assert r["region_l1"] == pytest.approx(0.0)
+    assert rewards.gse_reward("nothing", REF, target, gt, side)["total"] == 0.0
+
+
+def test_lpr_reward_components():
+    mask = np.zeros((56, 56), bool)
+    mask[10:20, 10:20] = True
+    r = rewards.lpr_reward(GOOD_LPR, REF, (10, 10, 20, 20), mask)
+    assert r["box_iou"] == pytest.approx(1.0) and r["box_l1"] == pytest.approx(1.0)
+    assert r["points"] == 1.0 and r["total"] == pytest.approx(6.0)
+    shifted = GOOD_LPR.replace("[10,10,20,20]", "[15,10,25,20]").replace("[15,15]", "[30,30]")
+    r = rewards.lpr_reward(shifted, REF, (10, 10, 20, 20), mask, l1_scale=10)
+    assert r["box_iou"] == pytest.approx(50 / 150) and r["box_l1"] == pytest.approx(0.75)
+    assert r["points"] == 0.5
+
+
+# ---- coordinate tokens ------------------------------------------------------------------------
+
+def test_coordinate_values_round_trip_through_the_parser():
+    from finers_rt.train.data import format_lpr_answer
+    from finers_rt.train.model import quantize_coordinate
+
+    assert quantize_coordinate(13.2) == 14 and quantize_coordinate(-5) == 0
+    assert quantize_coordinate(5000) == 1920
+    text = format_lpr_answer(REF, (10.4, 11.0, 20.9, 21.2), ((12.0, 13.0), (15.5, 16.5)))
+    parsed = parse_output(text)
+    assert parsed.bbox_xyxy == (10, 12, 20, 22)
+    assert parsed.points_xy == ((12, 12), (16, 16))  # round half to even: 13 -> 12
+    assert parsed.response == "The object is found."
+
+
+# ---- retrospective target region ---------------------------------------------------------------
+
+def _blank_scene():
+    image = np.zeros((360, 640, 3), np.uint8)
+    record = dict(REF, points=[[300, 160], [310, 160], [310, 170], [300, 170]], area_percent=0.05)
+    return image, record
+
+
+def test_retrospective_region_is_where_lpr_localises_best():
+    from finers_rt.train.data import polygon_box_xyxy
+    from finers_rt.train.retrospective import candidate_regions, choose_target_region, pipeline_crop
+
+    image, record = _blank_scene()
+    seen = []
+
+    def fake_lpr(crop, rec, gt_box, gt_mask):  # localises well only near the crop's left edge
+        assert crop.shape == (56, 56, 3) and gt_mask[int(gt_box[1]), int(gt_box[0])]
+        seen.append(gt_box)
+        return 1.0 - gt_box[0] / 56
+
+    region, scores = choose_target_region(image, record, SIZES, fake_lpr)
+    assert len(scores) == len(seen) > 3
+    best = int(np.argmax(scores))
+    gt = polygon_box_xyxy(record["points"])
+    crop = pipeline_crop(region, (640, 360), SIZES)
+    assert seen[best][0] == min(b[0] for b in seen)  # the chosen crop has the target leftmost
+    assert crop[0] <= gt[0] and gt[2] <= crop[2]
+    centred = candidate_regions((52.5, 37.3, 54.2, 39.7), SIZES.region_side_stage(), (112, 84))[0]
+    flat_region, _ = choose_target_region(image, record, SIZES, lambda *a: 0.5)
+    assert flat_region == pytest.approx(centred, abs=1.0)  # ties keep the centred region
+
+
+def test_candidate_regions_contain_the_box_and_stay_in_frame():
+    from finers_rt.geometry import box_inside
+    from finers_rt.train.retrospective import candidate_regions
+
+    box = (2.0, 30.0, 6.0, 34.0)
+    regions = candidate_regions(box, (14.9, 15.0), (112, 84), per_axis=3)
+    assert len(regions) >= 4
+    for r in regions:
+        assert box_inside(box, r) and r[0] >= 0 and r[2] <= 112 + 1e-6
+
+
+# ---- training loops --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    from finers_rt.train.data import build_cache
+
+    return build_cache(tmp_path_factory.mktemp("cache"), seed=3, n_scenes=3, sizes=SIZES)
+
+
+def _sft_config(cache, out, **kw):
+    from finers_rt.train.sft import SftConfig
+
+    base = dict(stage="lpr", cache_dir=str(cache), out_dir=str(out), init="test", steps=6,
+                batch_size=2, lr=3e-3, warmup=2, save_every=2, log_every=1, seed=1)
+    base.update(kw)
+    return SftConfig(**base)
+
+
+def _fixed_batch_loss(hf_dir, cache, stage="lpr"):
+    from finers_rt.export.checkpoints import load_reference
+    from finers_rt.train.batch import Collator, token_losses
+    from finers_rt.train.data import SampleCache
+    from finers_rt.train.sft import stage_example
+
+    model, processor = load_reference(hf_dir)
+    collator = Collator(processor)
+    c = SampleCache(cache)
+    examples = [stage_example(c, stage, i) for i in range(3)]
+    batch = collator(*(list(col) for col in zip(*examples)))
+    with torch.no_grad():
+        text, coord = token_losses(model(**batch.model_inputs()).logits, batch.labels, collator, 0.0)
+    return float(text + coord)
+
+
+def test_sft_steps_reduce_the_loss(tiny_cache, tmp_path):
+    from finers_rt.train.sft import train_sft
+
+    out = tmp_path / "run"
+    result = train_sft(_sft_config(tiny_cache, out, steps=10, save_every=10), log=lambda m: None)
+    assert result["step"] == 10
+    before = _fixed_batch_loss(out / "init", tiny_cache)
+    after = _fixed_batch_loss(out / "checkpoint", tiny_cache)
+    assert after < 0.85 * before, (before, after)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 11))
+
+
+def test_resume_continues_steps_and_rng(tiny_cache, tmp_path):
+    from finers_rt.train.sft import train_sft
+
+    straight = tmp_path / "straight"
+    train_sft(_sft_config(tiny_cache, straight), log=lambda m: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_step_4(msg):
+        if "step 5/" in msg:
+            raise Stop
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        train_sft(_sft_config(tiny_cache, resumed), log=stop_after_step_4)
+    messages = []
+    result = train_sft(_sft_config(tiny_cache, resumed), log=messages.append)
+    assert result["step"] == 6 and messages[0].startswith(f"resumed {resumed} at step 4")
+    from safetensors.torch import load_file
+
+    a = load_file(str(straight / "checkpoint" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_loads_generates_and_exports(tiny_cache, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from finers_rt.export.checkpoints import load_reference
+    from finers_rt.export.vlm import VlmExportOptions, export_vlm
+    from finers_rt.train.batch import Collator
+    from finers_rt.train.evaluate import evaluate_stage, generate_texts
+    from finers_rt.train.data import SampleCache
+    from finers_rt.train.sft import train_sft
+
+    out = tmp_path / "gse"
+    train_sft(_sft_config(tiny_cache, out, stage="gse", steps=2), log=lambda m: None)
+    model, processor = load_reference(out / "checkpoint")
+    cache = SampleCache(tiny_cache)
+    texts, seqs, n_prompt = generate_texts(model, Collator(processor), np.asarray(cache.gse_images[0]),
+                                           "find it", max_new_tokens=4, num_samples=3, temperature=1.0)
+    assert len(texts) == 3 and seqs.shape[1] <= n_prompt + 4
+    metrics = evaluate_stage(model, Collator(processor), cache, "gse", limit=1)
+    assert set(metrics) >= {"region_recall", "valid", "reward"}
+    manifest = export_vlm(out / "checkpoint", tmp_path / "stage",
+                          VlmExportOptions(role="gse", image_size_wh=SIZES.gse_size_wh))
+    assert manifest.validation["greedy_tokens_equal"] is True
+
+
+def test_sam_training_resumes_and_saves_a_segment_anything_state_dict(tiny_cache, tmp_path):
+    from finers_rt.export.sam_configs import load_sam
+    from finers_rt.train.sam_train import SamTrainConfig, sam_config, train_sam
+
+    cfg = SamTrainConfig(cache_dir=str(tiny_cache), out_dir=str(tmp_path), steps=2, batch_size=2,
+                         save_every=1)
+    assert train_sam(cfg, log=lambda m: None)["step"] == 2
+    messages = []
+    cfg = SamTrainConfig(cache_dir=str(tiny_cache), out_dir=str(tmp_path), steps=3, batch_size=2)
+    assert train_sam(cfg, log=messages.append)["step"] == 3
+    assert messages[0].startswith("resumed")
+    load_sam(tmp_path / "sam.pth", sam_config())  # strict: every key and shape fits
+
+
+def test_grpo_log_probs_match_a_plain_forward(tiny_cache, tmp_path):
+    from finers_rt.export.checkpoints import load_reference
+    from finers_rt.train.batch import Collator
+    from finers_rt.train.grpo import group_advantages, sequence_logprobs
+    from finers_rt.train.evaluate import generate_texts
+    from finers_rt.train.data import SampleCache
+    from finers_rt.train.model import make_initial_checkpoint
+
+    assert not group_advantages(np.array([1.0, 1.0, 1.0])).any()
+    adv = group_advantages(np.array([0.0, 1.0]))
+    assert adv[0] < 0 < adv[1] and abs(adv.sum()) < 1e-6
+    model, processor = load_reference(make_initial_checkpoint(tmp_path / "m", "test"))
+    collator = Collator(processor)
+    image = np.asarray(SampleCache(tiny_cache).lpr_images[0])
+    torch.manual_seed(0)
+    _, seqs, n_prompt = generate_texts(model, collator, image, "find it", 5, 2, 1.0)
+    batch = collator([image], ["find it"], [""])
+    with torch.no_grad():
+        got = sequence_logprobs(model, seqs, n_prompt, batch.pixel_values, batch.image_grid_thw,
+                                [collator.end_id, collator.pad_id])
+        row = seqs[:1]
+        out = model(input_ids=row, pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
+        logp = torch.log_softmax(out.logits[0, n_prompt - 1:-1], -1)
+        answer = row[0, n_prompt:]
+        ends = [i for i, t in enumerate(answer.tolist()) if t in (collator.end_id, collator.pad_id)]
+        n = ends[0] + 1 if ends else len(answer)
+        want = logp[torch.arange(n), answer[:n]].mean()
+    torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_configs_are_typed_errors(tiny_cache, tmp_path):
+    from finers_rt.train.grpo import GrpoConfig
+    from finers_rt.train.sft import SftConfig, train_sft
+
+    with pytest.raises(InputError, match="stage must be one of"):
+        SftConfig(stage="lrp", cache_dir="c", out_dir="o")
+    with pytest.raises(InputError, match="needs --lpr"):
+        GrpoConfig(stage="gse", init="x", cache_dir="c", out_dir="o")
+    with pytest.raises(InputError, match="not a training cache"):
+        train_sft(_sft_config(tmp_path, tmp_path / "o"), log=lambda m: None)
+    with pytest.raises(InputError, match="--init must be"):
+        train_sft(_sft_config(tiny_cache, tmp_path / "o2", init=str(tmp_path / "nope")),
+                  log=lambda m: None)
+
+
+def test_cli_train_reports_bad_input_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "finers_rt.cli", "train", "lpr", "--cache",
+                           str(tmp_path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "InputError" in proc.stderr and "not a training cache" in proc.stderr
+    assert "Traceback" not in proc.stderr
