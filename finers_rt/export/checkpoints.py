@@ -114,6 +114,14 @@ SPECS: dict[str, RandomVlmSpec] = {
         text_kv_heads=2, mrope_section=(2, 3, 3), vocab_size=152064, vision_depth=4,
         vision_hidden=64, vision_intermediate=128, vision_heads=4, window_size=112,
         fullatt_block_indexes=(1, 3), repetition_penalty=1.05),
+    # compute-bound benchmarks (bench/): the Qwen2.5-0.5B text tower (24 x 896, GQA 14:2,
+    # MLP 4864, real vocab 151936; head_dim 64 so M-RoPE 2:3:3 = (8, 12, 12); untied lm_head like
+    # Qwen2.5-VL) with a small vision tower.
+    "0.5b-shaped": RandomVlmSpec(
+        name="0.5b-shaped", text_hidden=896, text_intermediate=4864, text_layers=24, text_heads=14,
+        text_kv_heads=2, mrope_section=(8, 12, 12), vocab_size=151936, vision_depth=2,
+        vision_hidden=64, vision_intermediate=128, vision_heads=4, window_size=112,
+        fullatt_block_indexes=(1,)),
 }
 
 
