@@ -40,7 +40,6 @@ def _export_tiny(tmp_path_factory, image_size: int, name: str):
     config_path.write_text(json.dumps({**TINY, "image_size": image_size}))
     config = resolve_sam_config("vit_b", config_path)
     checkpoint = make_random_sam_checkpoint(root / "sam_tiny.pth", config, seed=image_size)
-    torch.set_num_threads(1)
     manifest = sam_export.export_sam(checkpoint, root / "sam", "vit_b", config_path)
     return {"root": root, "dir": root / "sam", "config": config, "config_path": config_path,
             "checkpoint": checkpoint, "manifest": manifest, "torch": load_sam(checkpoint, config)}
