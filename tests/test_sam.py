@@ -210,6 +210,20 @@ def test_runtime_prompt_variants(runtime512, reference512, prompt):
     assert ours[1].shape == ((3,) if multi else (1,))
 
 
+def test_runtime_mask_input_refinement_matches(runtime512, reference512):
+    image = sam_export.random_test_image(np.random.default_rng(8), 200, 260)
+    box, points = [30, 20, 180, 150], [[90, 70], [120, 100]]
+    runtime512.set_image(image)
+    _, scores, low_res = runtime512.predict(box, points)
+    previous = low_res[int(np.argmax(scores))][None]  # [1, 4E, 4E]
+    ours = runtime512.predict(box, points, mask_input=previous)
+    with torch.no_grad():
+        reference512.set_image(image)
+        ref = reference512.predict(point_coords=np.asarray(points), point_labels=np.array([1, 1]),
+                                   box=np.asarray(box), mask_input=previous)
+    _assert_same(ours, ref)
+
+
 def test_tiny_sam_at_1024_exports_and_matches(tmp_path_factory):
     tiny = _export_tiny(tmp_path_factory, 1024, "sam1024")
     runtime = SamPredictorRT.load(tiny["dir"])
