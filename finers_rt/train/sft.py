@@ -117,7 +117,7 @@ def setup_distributed() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), world
 
 
-def build_model(cfg: SftConfig, run_dir: Path):
+def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0):
     """(model, processor, source folder of the processor files, resumed state or None)."""
     from finers_rt.export.checkpoints import load_processor
     from finers_rt.train.model import MODEL_CONFIGS, make_initial_checkpoint
@@ -129,8 +129,10 @@ def build_model(cfg: SftConfig, run_dir: Path):
         src = run_dir / "checkpoint"
     elif cfg.init in MODEL_CONFIGS:
         src = run_dir / "init"
-        if not (src / "config.json").is_file():
+        if rank == 0 and not (src / "config.json").is_file():
             make_initial_checkpoint(src, cfg.init, seed=cfg.seed)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank starts from the folder rank 0 wrote
     else:
         src = Path(cfg.init)
         if not (src / "config.json").is_file():
@@ -148,7 +150,7 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = SampleCache(cfg.cache_dir)
-    model, processor, src, state = build_model(cfg, run_dir)
+    model, processor, src, state = build_model(cfg, run_dir, rank)
     collator = Collator(processor)
     pointer = PointerHead(model.config.text_config.hidden_size)
     params = list(model.parameters()) + list(pointer.parameters())
