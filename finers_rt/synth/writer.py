@@ -12,6 +12,7 @@ import os
 import re
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,13 +107,20 @@ def _init_worker() -> None:
 
 
 def _run_jobs(jobs: list[tuple[int, int, tuple[int, int], str]], workers: int):
-    """Yield job results in index order, in-process or from a spawn pool."""
+    """Yield job results in index order, in-process or from a process pool.
+
+    The pool forks where the platform can (workers then need no re-import of the caller's
+    __main__, which fails for `python -` or an unguarded script), else spawns.
+    """
     if workers == 1:
         yield from map(_scene_job, jobs)
         return
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker) as pool:
-        yield from pool.imap(_scene_job, jobs, chunksize=1)
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    # an executor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool
+    # instead of hanging the run
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        yield from pool.map(_scene_job, jobs, chunksize=1)
 
 
 def generate_dataset(out_dir: str | Path, n: int, seed: int,
