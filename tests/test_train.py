@@ -246,6 +246,10 @@ def test_sam_training_resumes_and_saves_a_segment_anything_state_dict(tiny_cache
     assert train_sam(cfg, log=messages.append)["step"] == 3
     assert messages[0].startswith("resumed")
     load_sam(tmp_path / "sam.pth", sam_config())  # strict: every key and shape fits
+    from finers_rt.train.sam_train import evaluate_sam
+
+    metrics = evaluate_sam(tmp_path / "sam.pth", tiny_cache, limit=2)
+    assert metrics["samples"] == 2 and 0.0 <= metrics["mean_iou"] <= 1.0
 
 
 def test_grpo_log_probs_match_a_plain_forward(tiny_cache, tmp_path):
