@@ -68,12 +68,14 @@ class RuntimeSide:
         from finers_rt.prompts import build_lpr_prompt
 
         cfg, timings = self.pipe.config, {}
+        session_before = self._session_ms()
         pixels = load_image(str(path))
         spec = bench.centre_probe((pixels.shape[1], pixels.shape[0]), cfg.crop_min_side)
         x1, y1, x2, y2 = spec["crop_xyxy"]
         crop = np.ascontiguousarray(pixels[y1:y2, x1:x2])
         out = self.pipe.lpr.generate(crop, build_lpr_prompt(bench.PROBE_QUESTION),
                                      max_new_tokens=self.max_new_tokens, stop_at="</answer>")
+        session_ms = self._session_ms() - session_before
         for key, value in out.timings_ms.items():
             if key in ("vision", "decode", "tokens"):
                 timings[f"lpr_{key}_ms" if key != "tokens" else "lpr_tokens"] = value
@@ -85,7 +87,7 @@ class RuntimeSide:
         start = time.perf_counter()
         mask, _ = self.pipe.sam.predict_best(spec["box_xyxy"], spec["points_xy"], cfg.sam_point_labels)
         timings["sam_decoder_ms"] = (time.perf_counter() - start) * 1000.0
-        return {"timings": timings, "lpr_text": out.text, "mask": mask}
+        return {"timings": timings, "lpr_text": out.text, "mask": mask, "decode_session_ms": session_ms}
 
     def batch(self, paths: Sequence[Path], questions: Sequence[str]) -> list[dict[str, Any]]:
         """Images on 2 threads over one Pipeline: its per-stage locks let GSE of one image
@@ -109,7 +111,7 @@ def normalize_timings(timings: dict[str, float]) -> dict[str, float]:
 
 def decode_report(records: Sequence[dict], floors: dict[str, dict]) -> dict[str, Any]:
     """Decode ms/token vs the bandwidth floor per stage, and the Python overhead of the loop
-    (decode time minus decoder-session time) from the runtime's `single` records."""
+    (decode time minus decoder-session time) from the runtime's `single` + `stages` records."""
     out: dict[str, Any] = {}
     for stage in ("gse", "lpr"):
         per_token = [r["timings"][f"{stage}_decode_ms"] / r["timings"][f"{stage}_tokens"]
@@ -165,7 +167,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda m: None) -
         ours = bench.summarize_side(ours_raw)
         ours["peak_rss_mb"] = bench.peak_rss_mb()
         floors = bandwidth_floors(pipe, bandwidth)
-        ours["decode"] = decode_report(ours_raw["single"], floors)
+        ours["decode"] = decode_report(ours_raw["single"] + ours_raw["stages"], floors)
         result: dict[str, Any] = {"speedup_e2e": None, "speedup_repeat_query": None,
                                   "model": str(pipe.manifest.name), "options": _options_dict(opts),
                                   "environment": env, "bandwidth_gbs": bandwidth, "floors": floors,
@@ -188,10 +190,11 @@ def _run_reference(opts, bundle, images, pipe, ours_raw, result, log) -> None:
     ref = bench.summarize_side(ref_raw)
     ref["peak_rss_mb"] = bench.peak_rss_mb()
     ref["attn_implementation"], ref["attn_probe_ms"] = attn, attn_ms
+    records = ref_raw["single"] + ref_raw["stages"]
     ref["decode"] = {s: {"ms_per_token_p50": float(np.median(
-        [r["timings"][f"{s}_decode_ms"] / r["timings"][f"{s}_tokens"] for r in ref_raw["single"]
+        [r["timings"][f"{s}_decode_ms"] / r["timings"][f"{s}_tokens"] for r in records
          if r["timings"].get(f"{s}_tokens")]))} for s in ("gse", "lpr")
-        if any(r["timings"].get(f"{s}_tokens") for r in ref_raw["single"])}
+        if any(r["timings"].get(f"{s}_tokens") for r in records)}
     import torch
 
     result["environment"].update(torch=torch.__version__, torch_threads=torch.get_num_threads())

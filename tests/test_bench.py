@@ -175,3 +175,19 @@ def test_bench_cli_bad_model_is_a_clean_error(tmp_path):
     run = subprocess.run([sys.executable, "-m", "finers_rt.cli", "bench", "--model", str(tmp_path),
                           "--iters", "1", "--warmup", "0"], capture_output=True, text=True)
     assert run.returncode == 2 and "error:" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_decode_report_floor_and_python_overhead():
+    from finers_rt.bench_run import decode_report, normalize_timings
+
+    records = [{"timings": {"gse_decode_ms": 100.0, "gse_tokens": 10}, "decode_session_ms": 90.0},
+               {"timings": {"gse_decode_ms": 300.0, "gse_tokens": 10, "lpr_decode_ms": 50.0,
+                            "lpr_tokens": 5}, "decode_session_ms": 320.0}]
+    out = decode_report(records, {"gse": {"floor_ms_per_token": 5.0}, "lpr": {"floor_ms_per_token": 2.0}})
+    assert out["gse"]["ms_per_token_p50"] == 20.0 and out["gse"]["vs_floor"] == 4.0
+    assert out["lpr"]["ms_per_token_p50"] == 10.0
+    assert out["python_overhead_ms_per_token"] == pytest.approx(40.0 / 25)
+    assert out["python_overhead_fraction"] == pytest.approx(40.0 / 450)
+    merged = normalize_timings({"gse_prefix_prefill_ms": 5.0, "gse_question_prefill_ms": 2.0,
+                                "gse_total_ms": 99.0, "total_ms": 10.0})
+    assert merged == {"gse_prefill_ms": 7.0, "total_ms": 10.0}
