@@ -127,6 +127,32 @@ class _Task:
         return self.retro[i]
 
 
+def _group_losses(model, collator: Collator, task: _Task, cfg: GrpoConfig,
+                  rng: np.random.Generator, end_ids: list[int]):
+    """Sample a group per prompt, score it, and build the policy-gradient losses.
+
+    Returns (losses: list of scalar tensors, rewards seen: list of float, flat group count)."""
+    losses, rewards_seen, flat = [], [], 0
+    for _ in range(cfg.prompts_per_step):
+        i, crop = int(rng.integers(len(task.cache))), int(rng.integers(task.cache.lpr_crops))
+        image, text, reward_fn = task.example(i, crop)
+        model.eval()
+        texts, seqs, n_prompt = generate_texts(model, collator, image, text, cfg.max_new_tokens,
+                                               cfg.group_size, cfg.temperature)
+        rewards = np.array([reward_fn(t) for t in texts])
+        rewards_seen.extend(rewards.tolist())
+        adv = group_advantages(rewards)
+        if not adv.any():
+            flat += 1
+            continue
+        model.train()
+        batch = collator([image], [text], [""])
+        logp = sequence_logprobs(model, seqs, n_prompt, batch.pixel_values,
+                                 batch.image_grid_thw, end_ids)
+        losses.append(-(torch.tensor(adv, dtype=torch.float32) * logp).mean())
+    return losses, rewards_seen, flat
+
+
 def train_grpo(cfg: GrpoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) GRPO; return {"step", "reward", "checkpoint", "seconds"}."""
     from finers_rt.export.checkpoints import load_processor
@@ -156,24 +182,7 @@ def train_grpo(cfg: GrpoConfig, log: Callable[[str], None] = print) -> dict[str,
     end_ids = [collator.end_id, collator.pad_id]
     t0, start = time.time(), step
     while step < cfg.steps:
-        losses, rewards_seen, flat = [], [], 0
-        for _ in range(cfg.prompts_per_step):
-            i, crop = int(rng.integers(len(cache))), int(rng.integers(cache.lpr_crops))
-            image, text, reward_fn = task.example(i, crop)
-            model.eval()
-            texts, seqs, n_prompt = generate_texts(model, collator, image, text, cfg.max_new_tokens,
-                                                   cfg.group_size, cfg.temperature)
-            rewards = np.array([reward_fn(t) for t in texts])
-            rewards_seen.extend(rewards.tolist())
-            adv = group_advantages(rewards)
-            if not adv.any():
-                flat += 1
-                continue
-            model.train()
-            batch = collator([image], [text], [""])
-            logp = sequence_logprobs(model, seqs, n_prompt, batch.pixel_values,
-                                     batch.image_grid_thw, end_ids)
-            losses.append(-(torch.tensor(adv, dtype=torch.float32) * logp).mean())
+        losses, rewards_seen, flat = _group_losses(model, collator, task, cfg, rng, end_ids)
         if losses:
             opt.zero_grad(set_to_none=True)
             torch.stack(losses).mean().backward()

@@ -173,33 +173,11 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         batch = sample_batch(cache, cfg, collator, rng, step)
-        out = train_model(**batch.model_inputs(), output_hidden_states=True)
-        text_loss, coord_loss = token_losses(out.logits, batch.labels, collator, cfg.coord_sigma)
-        point_loss = pointer(out.hidden_states[-1], batch) if cfg.pointer_weight > 0 else text_loss * 0
-        loss = text_loss + cfg.coord_weight * coord_loss + cfg.pointer_weight * point_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            for p in pointer.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        losses = _train_step(train_model, pointer, opt, params, batch, collator, cfg, world)
         step += 1
-        loss_value = loss.item()
-        loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
+        loss_ema = losses["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * losses["loss"]
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            rate = (step - done_at_start) / max(1e-9, time.time() - t0)
-            eta = (cfg.steps - step) / max(rate, 1e-9)
-            rec = {"step": step, "loss": round(loss_value, 4), "loss_ema": round(loss_ema, 4),
-                   "text": round(text_loss.item(), 4), "coord": round(coord_loss.item(), 4),
-                   "pointer": round(point_loss.item(), 4), "lr": lr_at(cfg, step - 1),
-                   "steps_per_s": round(rate, 3), "elapsed_s": round(time.time() - t0, 1)}
-            ckpt.append_log(run_dir, rec)
-            log(f"[{cfg.stage}] step {step}/{cfg.steps} loss {loss_value:.3f} (ema {loss_ema:.3f}, "
-                f"coord {rec['coord']:.3f}, pointer {rec['pointer']:.3f}) "
-                f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
+            _log_progress(cfg, run_dir, step, losses, loss_ema, (step - done_at_start, t0), log)
         if step % cfg.save_every == 0 or step == cfg.steps:
             rngs = _gather_rngs(rng, world)
             if rank == 0:
@@ -211,6 +189,41 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         torch.distributed.barrier()
     return {"step": step, "loss": loss_ema, "checkpoint": str(run_dir / "checkpoint"),
             "seconds": time.time() - t0}
+
+
+def _train_step(train_model, pointer, opt, params, batch: Batch, collator: Collator,
+                cfg: SftConfig, world: int) -> dict[str, float]:
+    """One optimizer step on `batch`; returns the loss terms as floats."""
+    out = train_model(**batch.model_inputs(), output_hidden_states=True)
+    text_loss, coord_loss = token_losses(out.logits, batch.labels, collator, cfg.coord_sigma)
+    point_loss = pointer(out.hidden_states[-1], batch) if cfg.pointer_weight > 0 else text_loss * 0
+    loss = text_loss + cfg.coord_weight * coord_loss + cfg.pointer_weight * point_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if world > 1:  # the pointer head is outside DDP: average its gradients by hand
+        for p in pointer.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return {"loss": loss.item(), "text": text_loss.item(), "coord": coord_loss.item(),
+            "pointer": point_loss.item()}
+
+
+def _log_progress(cfg: SftConfig, run_dir: Path, step: int, losses: dict[str, float],
+                  loss_ema: float, progress: tuple[int, float], log) -> None:
+    """Append the step to log.jsonl and print loss, lr, speed and ETA."""
+    done, t0 = progress
+    rate = done / max(1e-9, time.time() - t0)
+    eta = (cfg.steps - step) / max(rate, 1e-9)
+    rec = {"step": step, **{k: round(v, 4) for k, v in losses.items()},
+           "loss_ema": round(loss_ema, 4), "lr": lr_at(cfg, step - 1),
+           "steps_per_s": round(rate, 3), "elapsed_s": round(time.time() - t0, 1)}
+    ckpt.append_log(run_dir, rec)
+    log(f"[{cfg.stage}] step {step}/{cfg.steps} loss {rec['loss']:.3f} (ema {loss_ema:.3f}, "
+        f"coord {rec['coord']:.3f}, pointer {rec['pointer']:.3f}) "
+        f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
 
 
 def _gather_rngs(rng, world: int) -> list[dict[str, Any]]:
