@@ -390,10 +390,10 @@ def train_rl_cmd(
 _QTYPES = "referring|reasoning|option"
 
 
-def _backend_options(threads: int | None, device: str):
+def _backend_options(threads: int | None, device: str, backend: str = "ort"):
     from finers_rt.config import BackendOptions
 
-    return BackendOptions(device=device, intra_op_threads=threads)
+    return BackendOptions(kind=backend, device=device, intra_op_threads=threads)
 
 
 @app.command("infer")
@@ -410,6 +410,7 @@ def infer_cmd(
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Cap on generated tokens per stage."),
     threads: int = typer.Option(None, "--threads", help="Intra-op threads per graph (default: ORT's choice)."),
     device: str = typer.Option("cpu", "--device", help="cpu|cuda|tensorrt (ONNX Runtime execution provider)."),
+    backend: str = typer.Option("ort", "--backend", help="ort (ONNX Runtime) or trt (TensorRT engines from build-engines; needs --device cuda)."),
 ) -> None:
     """Find the target in IMAGE, answer the question, write the mask and an overlay."""
     import json as _json
@@ -418,7 +419,7 @@ def infer_cmd(
     from finers_rt.pipeline import Pipeline
 
     pixels = load_image(image)
-    pipe = Pipeline.load(model, _backend_options(threads, device), max_extra_crops=max_extra_crops)
+    pipe = Pipeline.load(model, _backend_options(threads, device, backend), max_extra_crops=max_extra_crops)
     result = pipe.run(pixels, instruction, question_type=qtype, options=options,
                       max_new_tokens=max_new_tokens)
     summary = result.to_json()
@@ -452,6 +453,7 @@ def eval_cmd(
     max_extra_crops: int = typer.Option(4, "--max-extra-crops", help="Extra crops to try when GSE/LPR miss (0 = reference behaviour)."),
     threads: int = typer.Option(None, "--threads", help="Intra-op threads per graph."),
     device: str = typer.Option("cpu", "--device", help="cpu|cuda|tensorrt."),
+    backend: str = typer.Option("ort", "--backend", help="ort or trt (TensorRT engines; needs --device cuda)."),
 ) -> None:
     """Run the pipeline over a dataset folder, write predictions, print the official metrics."""
     import json as _json
@@ -462,7 +464,7 @@ def eval_cmd(
     from finers_rt.metrics import render_score_tables
     from finers_rt.pipeline import Pipeline
 
-    pipe = Pipeline.load(model, _backend_options(threads, device), max_extra_crops=max_extra_crops)
+    pipe = Pipeline.load(model, _backend_options(threads, device, backend), max_extra_crops=max_extra_crops)
     result = evaluate_folder(pipe, data_dir, out_path=out, limit=limit, overwrite=force,
                              progress=not as_json)
     if as_json:

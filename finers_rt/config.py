@@ -18,12 +18,18 @@ BACKEND_DEVICES = ("cpu", "cuda", "tensorrt")
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """How graphs are run. `intra_op_threads=None` lets the backend choose."""
+    """How graphs are run. `intra_op_threads=None` lets the backend choose.
+
+    `cpu_mem_arena`: ONNX Runtime's CPU arena keeps freed activation memory for reuse; on a
+    ViT encoder it held 3.8-6.9 GB resident after a run against 0.9 GB without it, so it is off
+    by default (edge devices care about resident memory more than allocator speed).
+    """
 
     kind: str = "ort"
     device: str = "cpu"
     intra_op_threads: int | None = None
     inter_op_threads: int = 1
+    cpu_mem_arena: bool = False
 
     def __post_init__(self):
         if self.device not in BACKEND_DEVICES:

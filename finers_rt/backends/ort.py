@@ -36,6 +36,7 @@ def session_options(options: BackendOptions) -> ort.SessionOptions:
     if options.intra_op_threads is not None:
         so.intra_op_num_threads = int(options.intra_op_threads)
     so.inter_op_num_threads = int(options.inter_op_threads)
+    so.enable_cpu_mem_arena = bool(options.cpu_mem_arena)
     so.log_severity_level = 3
     return so
 

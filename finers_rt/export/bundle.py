@@ -8,14 +8,12 @@ folder beside OUT and renamed only when every stage has passed validation.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from finers_rt import __version__
 from finers_rt.config import PipelineConfig
-from finers_rt.errors import InputError
+from finers_rt.export.staging import check_out_dir, staged_folder
 from finers_rt.manifest import BUNDLE_FORMAT, FORMAT_VERSION, BundleManifest
 
 
@@ -35,17 +33,12 @@ def export_bundle(gse_dir: str | Path, lpr_dir: str | Path, sam_checkpoint: str 
     from finers_rt.export.vlm import VlmExportOptions, export_vlm
 
     log = log or (lambda msg: None)
-    out = Path(out_dir).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise InputError(f"output folder {out} exists and is not empty; pass --force to replace it")
+    out = check_out_dir(out_dir, force)
     defaults = PipelineConfig()
     gse_wh = tuple(gse_size_wh or defaults.gse_size_wh)
     lpr_wh = tuple(lpr_size_wh or defaults.lpr_size_wh)
     pipeline = PipelineConfig(gse_size_wh=gse_wh, lpr_size_wh=lpr_wh)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.bundle-", dir=out.parent))
-    work.chmod(0o755)
-    try:
+    with staged_folder(out, force) as work:
         for role, hf_dir, size in (("gse", gse_dir, gse_wh), ("lpr", lpr_dir, lpr_wh)):
             log(f"exporting {role} from {hf_dir} at {size[0]}x{size[1]}")
             export_vlm(hf_dir, work / role, VlmExportOptions(role=role, image_size_wh=size,
@@ -61,11 +54,5 @@ def export_bundle(gse_dir: str | Path, lpr_dir: str | Path, sam_checkpoint: str 
                        "sam": str(Path(sam_checkpoint).resolve()), "sam_type": sam_type,
                        "quantize": quantize}})
         manifest.save(work)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        work.rename(out)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     log(f"wrote bundle {out}")
     return manifest

@@ -11,8 +11,6 @@ sibling folder that is renamed into place only on success).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from finers_rt import __version__
 from finers_rt.errors import ExportParityError, InputError
 from finers_rt.export.sam_configs import SamConfig, load_sam, resolve_sam_config
 from finers_rt.export.sam_graphs import OPSET, export_decoder, export_encoder
+from finers_rt.export.staging import check_out_dir, staged_folder
 from finers_rt.export.torchvision_shim import import_segment_anything
 from finers_rt.manifest import (FORMAT_VERSION, SAM_FORMAT, GraphSpec, SamManifest, TensorSpec,
                                 file_sha256)
@@ -60,29 +59,18 @@ def export_sam(checkpoint: str | Path, out_dir: str | Path, model_type: str = "v
     (checkpoint missing / not fitting the config) or ExportParityError (validation failed).
     """
     log = log or (lambda msg: None)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise InputError(f"output folder {out} exists and is not empty; pass --force to replace it")
+    out = check_out_dir(out_dir, force)
     if not validation_sizes_hw:
         raise InputError("at least one validation image size is needed")
     config = resolve_sam_config(model_type, config_path)
     sam = load_sam(checkpoint, config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    work.chmod(0o755)  # mkdtemp makes it private; the folder is an ordinary artifact
-    try:
+    with staged_folder(out, force) as work:
         started = time.perf_counter()
         manifest = _write_graphs(sam, config, model_type, Path(checkpoint), work)
         log(f"exported graphs in {time.perf_counter() - started:.1f}s; validating")
         validation = validate_sam_folder(work, sam, validation_sizes_hw, tolerance, seed)
         manifest = SamManifest.from_dict({**manifest.to_dict(), "validation": validation})
         manifest.save(work)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        work.rename(out)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     log(f"wrote {out} (validated on {len(validation_sizes_hw)} image sizes)")
     return manifest
 

@@ -10,10 +10,8 @@ written into a temporary folder beside OUT_DIR that is renamed only after valida
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from finers_rt.export.checkpoints import load_reference
 from finers_rt.export.decoder_graph import export_decoder
 from finers_rt.export.graph_files import consolidate_external_data, graph_spec
 from finers_rt.export.quantize import QUANTIZATIONS, quantize_decoder
+from finers_rt.export.staging import check_out_dir, staged_folder
 from finers_rt.export.vision_graph import export_vision
 from finers_rt.manifest import (ArraySpec, ChatSpec, FileSpec, GenerationSpec, SpecialTokens,
                                 VlmImageSpec, VlmStageManifest, VlmTextSpec, file_sha256)
@@ -174,25 +173,6 @@ def _special_tokens(model) -> SpecialTokens:
         pad_token_id=None if gen.pad_token_id is None else int(gen.pad_token_id))
 
 
-def _prepare_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"output {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise InputError(f"output folder {out_dir} is not empty; pass --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by the validated `tmp` folder (old content removed only now)."""
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old-" + tmp.name)
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
-
-
 def write_graphs(model, work: Path, grid: tuple[int, int, int], opset: int) -> None:
     """Export `vision.onnx` and `decoder.onnx` (+ `.data` when large) into `work`."""
     export_vision(model.model.visual, grid, str(work / "vision.onnx"), opset)
@@ -216,7 +196,7 @@ def export_vlm(hf_dir: str | Path, out_dir: str | Path, options: VlmExportOption
     hf_dir, out_dir = Path(hf_dir).resolve(), Path(out_dir).resolve()
     if not (hf_dir / "config.json").is_file():
         raise InputError(f"{hf_dir} is not a Hugging Face checkpoint folder (no config.json)")
-    _prepare_out_dir(out_dir, options.force)
+    check_out_dir(out_dir, options.force)
     torch.manual_seed(0)
     model, processor = load_reference(hf_dir)
     stage_wh = options.stage_size_wh()
@@ -233,16 +213,8 @@ def export_vlm(hf_dir: str | Path, out_dir: str | Path, options: VlmExportOption
     if processor.tokenizer(chat.render(image_spec.num_image_tokens, prompt))["input_ids"] != \
             inputs.input_ids[0].tolist():
         raise ArtifactError("tokenizing the chat pieces does not give the processor's input_ids")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a published stage gets normal permissions
-    try:
-        manifest = _build_stage(model, processor, hf_dir, tmp, options, inputs, image_spec, chat)
-        _publish(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with staged_folder(out_dir, options.force) as work:
+        manifest = _build_stage(model, processor, hf_dir, work, options, inputs, image_spec, chat)
     return manifest
 
 
