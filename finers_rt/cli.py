@@ -418,10 +418,16 @@ def infer_cmd(
     from finers_rt.image import load_image
     from finers_rt.pipeline import Pipeline
 
-    pixels = load_image(image)
+    import time as _time
+
     pipe = Pipeline.load(model, _backend_options(threads, device, backend), max_extra_crops=max_extra_crops)
+    started = _time.perf_counter()
+    pixels = load_image(image)  # decoded once here: the overlay needs the pixels too
+    load_ms = (_time.perf_counter() - started) * 1000.0
     result = pipe.run(pixels, instruction, question_type=qtype, options=options,
                       max_new_tokens=max_new_tokens)
+    result.timings_ms["load_ms"] += load_ms
+    result.timings_ms["total_ms"] += load_ms
     summary = result.to_json()
     if out is not None:
         from finers_rt.overlay import write_outputs
