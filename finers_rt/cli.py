@@ -420,10 +420,10 @@ def infer_cmd(
 
     import time as _time
 
-    pipe = Pipeline.load(model, _backend_options(threads, device, backend), max_extra_crops=max_extra_crops)
     started = _time.perf_counter()
-    pixels = load_image(image)  # decoded once here: the overlay needs the pixels too
+    pixels = load_image(image)  # decoded once here (bad files fail fast); the overlay needs it too
     load_ms = (_time.perf_counter() - started) * 1000.0
+    pipe = Pipeline.load(model, _backend_options(threads, device, backend), max_extra_crops=max_extra_crops)
     result = pipe.run(pixels, instruction, question_type=qtype, options=options,
                       max_new_tokens=max_new_tokens)
     result.timings_ms["load_ms"] += load_ms
