@@ -228,7 +228,8 @@ def test_checkpoint_loads_generates_and_exports(tiny_cache, tmp_path):
                                            "find it", max_new_tokens=4, num_samples=3, temperature=1.0)
     assert len(texts) == 3 and seqs.shape[1] <= n_prompt + 4
     metrics = evaluate_stage(model, Collator(processor), cache, "gse", limit=1)
-    assert set(metrics) >= {"region_recall", "valid", "reward"}
+    assert set(metrics) >= {"region_recall", "recall_sized", "size_ok", "valid", "reward"}
+    assert metrics["recall_sized"] <= metrics["region_recall"]
     manifest = export_vlm(out / "checkpoint", tmp_path / "stage",
                           VlmExportOptions(role="gse", image_size_wh=SIZES.gse_size_wh))
     assert manifest.validation["greedy_tokens_equal"] is True

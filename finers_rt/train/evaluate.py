@@ -2,7 +2,9 @@
 
 The real evaluation is `finers-rt eval` on an exported bundle (official metrics); this one runs
 inside training on a cache and measures what each stage is responsible for:
-GSE: region recall (GT box inside the crop the pipeline would take), centre hit, valid rate.
+GSE: region recall (GT box inside the crop the pipeline would take), the same counting only
+regions within 50% of the requested size (`recall_sized`: an oversized region makes the
+dynamic box cover most of the image, which "recalls" everything), centre hit, valid rate.
 LPR: box IoU > 0.5 rate, mean IoU, points on the object, valid rate.
 """
 
@@ -17,7 +19,7 @@ from finers_rt import geometry
 from finers_rt.parsing import parse_output
 from finers_rt.train.batch import Collator
 from finers_rt.train.data import SampleCache, gse_prompt, lpr_prompt
-from finers_rt.train.rewards import gse_reward, lpr_reward
+from finers_rt.train.rewards import gse_reward, lpr_reward, size_reward
 
 
 def prompt_inputs(collator: Collator, image: np.ndarray, text: str) -> dict[str, torch.Tensor]:
@@ -64,8 +66,11 @@ def _eval_gse(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
     reward = gse_reward(text, record, entry["gse"]["region_stage"], entry["gse"]["gt_box_stage"],
                         sizes.region_side_stage())
     parsed = parse_output(text)
-    recall = hit = 0.0
+    recall = hit = sized = 0.0
     if parsed.bbox_xyxy is not None:
+        # a region far larger than asked for grows the dynamic-box crop to most of the image:
+        # it "recalls" the target while LPR then sees it at a fraction of a pixel
+        sized = float(size_reward(parsed.bbox_xyxy, sizes.region_side_stage()) >= 0.5)
         scene_wh = sizes.scene_size_wh
         region = geometry.stage_to_frame_box(parsed.bbox_xyxy, scene_wh, sizes.gse_size_wh)
         crop = geometry.dynamic_box(region, scene_wh, sizes.crop_min_side)
@@ -75,7 +80,8 @@ def _eval_gse(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         x1, y1, x2, y2 = parsed.bbox_xyxy
         hit = float(x1 <= cx <= x2 and y1 <= cy <= y2)
-    return {"region_recall": recall, "centre_hit": hit, "valid": reward["json"],
+    return {"region_recall": recall, "recall_sized": recall * sized, "centre_hit": hit,
+            "size_ok": sized, "valid": reward["json"],
             "format": reward["format"], "answer": reward["answer"], "reward": reward["total"]}
 
 
