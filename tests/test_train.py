@@ -305,3 +305,23 @@ def test_cli_train_reports_bad_input_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "InputError" in proc.stderr and "not a training cache" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_shipped_finers_tiny_runs_out_of_the_box(monkeypatch):
+    from pathlib import Path
+
+    from finers_rt.pipeline import Pipeline, default_bundle_path
+    from finers_rt.synth import generate_scene
+
+    bundle = Path(__file__).resolve().parents[1] / "engines" / "finers-tiny"
+    if not (bundle / "manifest.json").is_file():
+        pytest.skip("engines/finers-tiny is not in this checkout")
+    monkeypatch.delenv("FINERS_RT_MODEL", raising=False)
+    assert default_bundle_path() == bundle
+    image, records = generate_scene(99, 0, (1280, 720))
+    result = Pipeline.load(None, max_extra_crops=0).run(image, records[0]["Q"], max_new_tokens=80)
+    assert result.raw["gse"].startswith("<think>") and "</answer>" in result.raw["gse"]
+    assert result.gse_region_xyxy is not None  # the trained GSE answers in the FineRS format
+    assert result.mask.shape == (720, 1280)
+    for source in ("gse", "lpr"):  # the committed sources are what the bundle was exported from
+        assert (bundle / "source" / source / "config.json").is_file()
