@@ -101,7 +101,8 @@ class ReferenceVlm:
         source = manifest.source.get("path")
         if not source:
             raise ArtifactError(f"{stage_dir}: manifest has no source.path (the HF checkpoint)")
-        return cls.load(source, manifest.image.stage_size_wh, attn_implementation)
+        return cls.load(resolve_source_path(source, stage_dir), manifest.image.stage_size_wh,
+                        attn_implementation)
 
     def set_attn(self, attn_implementation: str) -> None:
         check_attn(attn_implementation)
@@ -155,6 +156,13 @@ def check_attn(name: str) -> str:
     return name
 
 
+def resolve_source_path(recorded: str, folder: str | Path) -> Path:
+    """A manifest's source path: relative paths are relative to the manifest's folder (shipped
+    bundles record them so, to stay valid in any clone); absolute paths are used as they are."""
+    path = Path(recorded)
+    return path if path.is_absolute() else (Path(folder) / path).resolve()
+
+
 class ReferenceSam:
     """segment-anything `SamPredictor` on the bundle's source SAM checkpoint."""
 
@@ -172,6 +180,8 @@ class ReferenceSam:
         ckpt = checkpoint or manifest.source.get("path") or manifest.source.get("checkpoint")
         if not ckpt:
             raise ArtifactError(f"{sam_dir}: no source checkpoint recorded; pass one explicitly")
+        if checkpoint is None:
+            ckpt = resolve_source_path(ckpt, sam_dir)
         sam = load_sam(ckpt, SamConfig.from_dict(dict(manifest.config)))
         return cls(import_segment_anything().SamPredictor(sam))
 
