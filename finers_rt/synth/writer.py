@@ -109,14 +109,15 @@ def _init_worker() -> None:
 def _run_jobs(jobs: list[tuple[int, int, tuple[int, int], str]], workers: int):
     """Yield job results in index order, in-process or from a process pool.
 
-    The pool forks where the platform can (workers then need no re-import of the caller's
-    __main__, which fails for `python -` or an unguarded script), else spawns.
+    The pool SPAWNS fresh interpreters: forking a process whose OpenCV / ONNX Runtime thread
+    pools already ran deadlocks the child (seen: a worker stuck in cv2.setNumThreads under a
+    test run that had used cv2 threads). A spawning caller's script must guard its entry point
+    with `if __name__ == "__main__":` (the `finers-rt` console script does).
     """
     if workers == 1:
         yield from map(_scene_job, jobs)
         return
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    ctx = multiprocessing.get_context("spawn")
     # an executor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool
     # instead of hanging the run
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
