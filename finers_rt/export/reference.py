@@ -234,9 +234,12 @@ class ReferencePipeline:
         if missing:
             raise ArtifactError(f"{folder}/manifest.json: source checkpoints {missing} are not "
                                 "recorded; the reference needs the checkpoints the bundle was exported from")
-        gse = ReferenceVlm.load(source["gse"], config.gse_size_wh, attn_implementation)
-        lpr = ReferenceVlm.load(source["lpr"], config.lpr_size_wh, attn_implementation)
-        sam = ReferenceSam.from_sam_folder(folder / manifest.stages["sam"], source["sam"])
+        gse = ReferenceVlm.load(resolve_source_path(source["gse"], folder), config.gse_size_wh,
+                                attn_implementation)
+        lpr = ReferenceVlm.load(resolve_source_path(source["lpr"], folder), config.lpr_size_wh,
+                                attn_implementation)
+        sam = ReferenceSam.from_sam_folder(folder / manifest.stages["sam"],
+                                           resolve_source_path(source["sam"], folder))
         return cls(config, gse, lpr, sam)
 
     def set_attn(self, attn_implementation: str) -> None:
