@@ -179,7 +179,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda m: None) -
 
 
 def _run_reference(opts, bundle, images, pipe, ours_raw, result, log) -> None:
-    from finers_rt.export.reference import ReferencePipeline, ReferenceSide, choose_attn
+    from finers_rt.export.reference import (ReferencePipeline, ReferenceSide, choose_attn,
+                                            torch_environment)
 
     bench.reset_peak_rss()
     ref_pipe = ReferencePipeline.load(bundle)
@@ -195,9 +196,7 @@ def _run_reference(opts, bundle, images, pipe, ours_raw, result, log) -> None:
         [r["timings"][f"{s}_decode_ms"] / r["timings"][f"{s}_tokens"] for r in records
          if r["timings"].get(f"{s}_tokens")]))} for s in ("gse", "lpr")
         if any(r["timings"].get(f"{s}_tokens") for r in records)}
-    import torch
-
-    result["environment"].update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    result["environment"].update(torch_environment())
     result["reference"] = ref
     decoders = {role: getattr(pipe, role).tokenizer.decode for role in ("gse", "lpr")}
     result["agreement"] = bench.compare_outputs(ours_raw, ref_raw, decoders)

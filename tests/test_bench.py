@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,25 +109,7 @@ def test_bench_modules_are_torch_free():
 
 # ---- end to end on a tiny bundle, with the reference ----------------------------------------
 
-SAM_TINY = {"encoder_embed_dim": 64, "encoder_depth": 2, "encoder_num_heads": 2,
-            "encoder_global_attn_indexes": [1], "image_size": 256, "prompt_embed_dim": 64,
-            "decoder_mlp_dim": 128, "decoder_num_heads": 2, "iou_head_hidden_dim": 64,
-            "mask_in_chans": 8}
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory, make_vlm_checkpoint) -> Path:
-    from finers_rt.export.bundle import export_bundle
-    from finers_rt.export.sam_configs import make_random_sam_checkpoint, resolve_sam_config
-
-    root = tmp_path_factory.mktemp("bench-bundle")
-    (root / "sam.json").write_text(json.dumps(SAM_TINY))
-    sam_ckpt = make_random_sam_checkpoint(root / "sam.pth",
-                                          resolve_sam_config("vit_b", root / "sam.json"), seed=0)
-    export_bundle(make_vlm_checkpoint("tiny", 0), make_vlm_checkpoint("tiny", 1), sam_ckpt,
-                  root / "bundle", sam_config=root / "sam.json", gse_size_wh=(224, 140),
-                  lpr_size_wh=(112, 112))
-    return root / "bundle"
+# `tiny_bundle` is the shared session fixture of tests/conftest.py.
 
 
 def test_bench_cli_reference_end_to_end(tiny_bundle, tmp_path, monkeypatch):

@@ -149,6 +149,11 @@ class ReferenceVlm:
         return ReferenceGeneration(ids, text_out, timings)
 
 
+def torch_environment() -> dict[str, object]:
+    """The reference side's torch version and thread count, for the bench record."""
+    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
 def check_attn(name: str) -> str:
     if name not in ATTN_IMPLEMENTATIONS:
         raise InputError(f"unknown attention implementation '{name}'{suggest(name, ATTN_IMPLEMENTATIONS)}"
