@@ -322,3 +322,26 @@ def test_runtime_modules_import_without_torch():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_cli_generate_equals_hf_on_7b_shaped_odd_size(make_vlm_checkpoint, tmp_path):
+    """The runtime issue's acceptance: a checkpoint shaped like Qwen2.5-VL-7B (GQA 7:1, real
+    vocabulary, window + full-attention vision blocks, mrope 2:3:3, repetition penalty 1.05),
+    exported at a non-square, non-multiple-of-28 size: `finers-rt generate` == HF generate."""
+    from typer.testing import CliRunner
+
+    from finers_rt.cli import app
+
+    hf_dir = make_vlm_checkpoint("7b-shaped", 0)
+    stage_dir = _export(hf_dir, tmp_path / "stage", (333, 219))
+    from PIL import Image
+
+    image_path = tmp_path / "img.png"
+    image = _image(4)
+    Image.fromarray(image).save(image_path)
+    run = CliRunner().invoke(app, ["generate", str(stage_dir), str(image_path), QUESTION,
+                                   "--max-new-tokens", "20", "--json"])
+    assert run.exit_code == 0, run.output
+    ours = json.loads(run.output.strip().splitlines()[-1])["token_ids"]
+    reference, _ = _hf_generate(hf_dir, (333, 219), image, QUESTION, 20)
+    assert ours == reference and len(ours) == 20
