@@ -166,24 +166,34 @@ def _parse_record(record: Any, index: int) -> Annotation:
         extra={k: v for k, v in record.items() if k not in _KNOWN_KEYS})
 
 
+def read_json_list(path: str | Path, key: str, what: str) -> list[Any]:
+    """The list under `key` of the JSON object in `path` (`{"annotations": [...]}`-style files).
+
+    Raises InputError naming `what` and the file when it is missing, not JSON, or not an object
+    with a `key` list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        got = type(data).__name__ if not isinstance(data, dict) else f"keys {sorted(data)}"
+        article = "an" if key[:1] in "aeiou" else "a"
+        raise InputError(f"{what} {path} must be an object with {article} '{key}' list, got {got}")
+    return data[key]
+
+
 def load_annotations(path: str | Path, images_dir: str | Path | None = None) -> list[Annotation]:
     """Load and validate a FineRS annotation file.
 
     With `images_dir`, also read each image's size (header only) and check that every polygon
     lies inside its image. Raises InputError naming the annotation index and the problem.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"annotation file {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        got = type(data).__name__ if not isinstance(data, dict) else f"keys {sorted(data)}"
-        raise InputError(f"annotation file {path} must be an object with an 'annotations' "
-                         f"list, got {got}")
-    annotations = [_parse_record(r, i) for i, r in enumerate(data["annotations"])]
+    records = read_json_list(path, "annotations", "annotation file")
+    annotations = [_parse_record(r, i) for i, r in enumerate(records)]
     if images_dir is not None:
         check_polygons_in_images(annotations, images_dir)
     return annotations

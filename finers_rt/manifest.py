@@ -39,6 +39,14 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON artifact file; ManifestError naming the file when it is unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: unreadable or not JSON ({exc})") from None
+
+
 # ---- generic (de)serialisation of the dataclass tree -----------------------------------------
 
 
@@ -145,11 +153,7 @@ class _Serialisable:
             raise ManifestError(f"{folder}: not a folder (expected a folder with {MANIFEST_NAME})")
         if not path.is_file():
             raise ManifestError(f"{path}: missing; {folder} is not an exported finers-rt folder")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"{path}: unreadable or not JSON ({exc})") from None
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(read_json(path), where=str(path))
 
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / MANIFEST_NAME

@@ -18,7 +18,6 @@ An annotation without a prediction counts as an empty mask, a wrong answer and n
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from finers_rt.dataset import (ATTRIBUTES, SIZE_BUCKETS, Annotation, annotation_image_size_wh,
-                               gt_mask, mask_bbox_xyxy)
+                               gt_mask, mask_bbox_xyxy, read_json_list)
 from finers_rt.errors import InputError
 
 IOU_EPS = 1e-5    # official per-sample IoU denominator epsilon
@@ -266,19 +265,9 @@ def load_predictions(path: str | Path, n_annotations: int) -> dict[int, Predicti
     Raises InputError for a missing/malformed file, bad records, and duplicate or
     out-of-range indexes. RLE contents are checked later, against each image's size.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"predictions file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"predictions file {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("predictions"), list):
-        got = type(data).__name__ if not isinstance(data, dict) else f"keys {sorted(data)}"
-        raise InputError(f"predictions file {path} must be an object with a 'predictions' "
-                         f"list, got {got}")
+    records = read_json_list(path, "predictions", "predictions file")
     out: dict[int, Prediction] = {}
-    for position, record in enumerate(data["predictions"]):
+    for position, record in enumerate(records):
         pred = _parse_prediction(record, position, n_annotations)
         if pred.index in out:
             raise InputError(f"prediction {position}: duplicate index {pred.index} (the "

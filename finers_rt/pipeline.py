@@ -108,7 +108,6 @@ def default_bundle_path() -> Path:
 class _LprOutcome:
     crop_xyxy: tuple[int, int, int, int]
     parsed: ParsedOutput
-    text: str
     box_crop: tuple[int, int, int, int] | None
     points_crop: tuple[tuple[int, int], ...] | None
     usable: bool
@@ -239,7 +238,7 @@ class Pipeline:
             else:
                 usable, reason = True, "ok"
         attempts.append({"crop_xyxy": [x1, y1, x2, y2], "usable": usable, "reason": reason})
-        return _LprOutcome((x1, y1, x2, y2), parsed, out.text, box, points, usable, reason)
+        return _LprOutcome((x1, y1, x2, y2), parsed, box, points, usable, reason)
 
     def _finish(self, pixels, outcome, path, gse, gse_region, timings, raw, attempts) -> Result:
         height, width = pixels.shape[:2]

@@ -24,7 +24,7 @@ from finers_rt import __version__
 from finers_rt.config import PipelineConfig
 from finers_rt.errors import ArtifactError, EngineProfileError, InputError, ManifestError, suggest
 from finers_rt.manifest import (BUNDLE_FORMAT, MANIFEST_NAME, SAM_FORMAT, VLM_FORMAT, BundleManifest, GraphSpec,
-                                SamManifest, VlmStageManifest, _Serialisable, file_sha256)
+                                SamManifest, VlmStageManifest, _Serialisable, file_sha256, read_json)
 
 ENGINE_FORMAT = "finers-rt.trt-engine"
 ENGINE_SUFFIX = ".engine"
@@ -247,11 +247,7 @@ def load_engine_metadata(engine_path: str | os.PathLike) -> EngineMetadata:
     path = metadata_path(engine_path)
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; an engine without its metadata cannot be checked, {REBUILD_HINT}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{path}: unreadable or not JSON ({exc})") from None
-    return EngineMetadata.from_dict(data, where=str(path))
+    return EngineMetadata.from_dict(read_json(path), where=str(path))
 
 
 def check_engine_metadata(meta: EngineMetadata, *, source_sha256: str, tensorrt_version: str,
@@ -294,10 +290,7 @@ def read_manifest_format(folder: Path) -> str:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{folder}: no {MANIFEST_NAME}; expected a finers-rt bundle or stage folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{path}: unreadable or not JSON ({exc})") from None
+    data = read_json(path)
     return data.get("format", "") if isinstance(data, dict) else ""
 
 
