@@ -71,6 +71,7 @@ class VlmStage:
         self.prefix_cache = prefix_cache
         self.name = name or f"{manifest.role}:{manifest.graphs['decoder'].sha256[:16] or self.folder}"
         self.preprocess = VisionPreprocessConfig.from_spec(manifest.image)
+        self.num_kv_pairs = decoder_kv_pairs(manifest)
         self._lock = threading.Lock()
         self._buffer: KVBuffer | None = None
         # Opt-in ORT IO binding for batch-1 steps: K/V bound by pointer into the buffer. Measured on
@@ -192,7 +193,7 @@ class VlmStage:
         text = self.manifest.text
         if self._buffer is None or self._buffer.batch != batch or self._buffer.max_len < max_len:
             self._buffer = None  # free the old one first
-            self._buffer = KVBuffer(text.num_hidden_layers, batch, max_len, text.num_key_value_heads,
+            self._buffer = KVBuffer(self.num_kv_pairs, batch, max_len, text.num_key_value_heads,
                                     text.head_dim)
         self._buffer.reset()
         return self._buffer
@@ -341,6 +342,19 @@ def causal_mask(batch: int, seq: int, past: int) -> np.ndarray:
     rows = past + np.arange(seq)
     mask = np.where(columns[None, :] <= rows[:, None], np.float32(0.0), _MASKED).astype(np.float32)
     return np.ascontiguousarray(np.broadcast_to(mask, (batch, 1, seq, past + seq)))
+
+
+def decoder_kv_pairs(manifest: VlmStageManifest) -> int:
+    """Number of K/V pairs the decoder graph takes (its `past_key_i` inputs): `num_hidden_layers`
+    for a stock model, more when the exported model caches extra tensors of the same shape."""
+    names = {spec.name for spec in manifest.graphs["decoder"].inputs}
+    pairs = 0
+    while f"past_key_{pairs}" in names and f"past_value_{pairs}" in names:
+        pairs += 1
+    if pairs == 0 or any(n.startswith(("past_key_", "past_value_")) for n in names
+                         if n not in {f"past_{kind}_{i}" for kind in ("key", "value") for i in range(pairs)}):
+        raise ManifestError(f"decoder graph inputs must be past_key_0..N-1 / past_value_0..N-1, got {sorted(names)}")
+    return pairs
 
 
 def _load_embeddings(folder: Path, manifest: VlmStageManifest) -> np.ndarray:

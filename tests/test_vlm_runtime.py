@@ -275,6 +275,23 @@ def test_prompt_split_equals_whole_tokenisation(stages):
         StageTokenizer(tokenizer._tokenizer, glued).check_split_matches_whole(count, "uestion")
 
 
+def test_kv_pairs_come_from_decoder_graph_inputs(stages):
+    from finers_rt.vlm import VlmStage, decoder_kv_pairs
+
+    _, stage_dir = stages["gqa3"]
+    stage = VlmStage.load(stage_dir)
+    manifest, decoder = stage.manifest, stage.manifest.graphs["decoder"]
+    layers = manifest.text.num_hidden_layers
+    assert stage.num_kv_pairs == layers
+    assert len(stage._buffer_for(1, 8).keys) == layers
+    extra = tuple(replace(decoder.input("past_key_0"), name=f"past_{kind}_{layers}") for kind in ("key", "value"))
+    more = replace(manifest, graphs={**manifest.graphs, "decoder": replace(decoder, inputs=decoder.inputs + extra)})
+    assert decoder_kv_pairs(more) == layers + 1  # e.g. a model caching one more tensor pair
+    gap = tuple(s for s in decoder.inputs if s.name != "past_value_0")
+    with pytest.raises(ManifestError, match="past_key_0"):
+        decoder_kv_pairs(replace(manifest, graphs={**manifest.graphs, "decoder": replace(decoder, inputs=gap)}))
+
+
 def test_load_checks_manifest_against_files_and_sessions(stages, tmp_path):
     import shutil
 

@@ -20,15 +20,21 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_multimodal_rotary_pos_emb
 
 
-def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+def decoder_io_names(num_kv_pairs: int) -> tuple[list[str], list[str]]:
     """(input names, output names) of the decoder graph, in graph order."""
-    past = [n for i in range(num_layers) for n in (f"past_key_{i}", f"past_value_{i}")]
-    new = [n for i in range(num_layers) for n in (f"new_key_{i}", f"new_value_{i}")]
+    past = [n for i in range(num_kv_pairs) for n in (f"past_key_{i}", f"past_value_{i}")]
+    new = [n for i in range(num_kv_pairs) for n in (f"new_key_{i}", f"new_value_{i}")]
     return ["inputs_embeds", "position_ids", "attention_mask", *past], ["logits", *new]
 
 
 class DecoderStep(nn.Module):
-    """One prefill or decode step of the HF text model + lm_head with an explicit K/V cache."""
+    """One prefill or decode step of the HF text model + lm_head with an explicit K/V cache.
+
+    `num_kv_pairs` is the number of (past_key_i, past_value_i) graph inputs and (new_key_i,
+    new_value_i) outputs; every pair has the same per-pair shape. For a stock model it is
+    `num_hidden_layers` (pair i = layer i); a subclass that adds cached tensors of the same shape
+    raises it. `forward` = rotary once, one `_layer` call per layer, then `_head`.
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -36,6 +42,7 @@ class DecoderStep(nn.Module):
         self.lm_head = model.lm_head
         cfg = self.lm.config
         self.num_layers = cfg.num_hidden_layers
+        self.num_kv_pairs = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -70,21 +77,24 @@ class DecoderStep(nn.Module):
         for i, layer in enumerate(self.lm.layers):
             h, nk, nv = self._layer(layer, h, cos, sin, attention_mask, past[2 * i], past[2 * i + 1])
             new += [nk, nv]
+        return (self._head(h), *new)
+
+    def _head(self, h):
+        """Final norm + lm_head on the last position: [B, S, H] -> logits [B, V]."""
         last = self.lm.norm(h[:, -1:, :])  # [B, 1, H]
-        logits = self.lm_head(last)[:, 0, :]  # [B, V]
-        return (logits, *new)
+        return self.lm_head(last)[:, 0, :]  # [B, V]
 
 
-def export_decoder(model: nn.Module, path: str, opset: int) -> None:
-    """Trace `DecoderStep(model)` to ONNX at `path` with dynamic batch / seq / past."""
-    step = DecoderStep(model).eval()
+def export_decoder(model: nn.Module, path: str, opset: int, step: DecoderStep | None = None) -> None:
+    """Trace `step` (default `DecoderStep(model)`) to ONNX at `path` with dynamic batch / seq / past."""
+    step = (step or DecoderStep(model)).eval()
     cfg = step.lm.config
     bsz, seq, past = 1, 3, 2
     embeds = torch.randn(bsz, seq, cfg.hidden_size)
     pos = torch.arange(past, past + seq).view(1, 1, seq).expand(3, bsz, seq).contiguous()
     mask = torch.zeros(bsz, 1, seq, past + seq)
-    kv = [torch.randn(bsz, past, step.num_kv_heads, step.head_dim) for _ in range(2 * step.num_layers)]
-    in_names, out_names = decoder_io_names(step.num_layers)
+    kv = [torch.randn(bsz, past, step.num_kv_heads, step.head_dim) for _ in range(2 * step.num_kv_pairs)]
+    in_names, out_names = decoder_io_names(step.num_kv_pairs)
     axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": {1: "batch", 2: "seq"},
             "attention_mask": {0: "batch", 2: "seq", 3: "total"}, "logits": {0: "batch"}}
     axes.update({n: {0: "batch", 1: "past"} for n in in_names[3:]})

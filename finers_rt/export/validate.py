@@ -90,12 +90,17 @@ def check_vision(vision_session, model, inputs: ParityInputs, tol: Tolerance) ->
     return embeds, _check("vision", "image_embeds", err, tol.image_embeds)
 
 
-def _ort_prefill(decoder_session, num_layers, kv_shape, embeds, position_ids):
+def num_kv_pairs(decoder_session) -> int:
+    """Number of (past_key_i, past_value_i) inputs of a decoder session (layers + any extra pairs)."""
+    return sum(arg.name.startswith("past_key_") for arg in decoder_session.get_inputs())
+
+
+def _ort_prefill(decoder_session, num_pairs, kv_shape, embeds, position_ids):
     seq = embeds.shape[1]
     feeds = {"inputs_embeds": embeds, "position_ids": position_ids,
              "attention_mask": _additive_mask(seq, 0)}
     empty = np.zeros((1, 0, *kv_shape), dtype=np.float32)
-    for i in range(num_layers):
+    for i in range(num_pairs):
         feeds[f"past_key_{i}"] = empty
         feeds[f"past_value_{i}"] = empty
     return decoder_session.run(None, feeds)
@@ -116,12 +121,13 @@ def check_decoder(decoder_session, model, inputs: ParityInputs, image_embeds: np
         ref = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
                     pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw,
                     use_cache=True)
-    outs = _ort_prefill(decoder_session, layers, (kv_heads, head_dim), embeds, pos.numpy())
+    outs = _ort_prefill(decoder_session, num_kv_pairs(decoder_session), (kv_heads, head_dim), embeds,
+                        pos.numpy())
     result = {"prefill_logits_max_abs_err": _check(
         "decoder", "logits", float(np.abs(outs[0] - ref.logits[:, -1].numpy()).max()), tol.logits,
         "prefill")}
     kv_err = 0.0
-    for i in range(layers):
+    for i in range(layers):  # pairs beyond the HF layers have no reference
         ref_k, ref_v = _layer_kv(ref.past_key_values, i)
         for name, got, want in ((f"new_key_{i}", outs[1 + 2 * i], ref_k), (f"new_value_{i}", outs[2 + 2 * i], ref_v)):
             err = float(np.abs(got - want.transpose(1, 2).numpy()).max())
@@ -135,7 +141,7 @@ def check_decoder(decoder_session, model, inputs: ParityInputs, image_embeds: np
 def _decode_loop(session, model, outs, ref, ids, embed_tokens, delta, steps, penalty, tol):
     """Greedy decode on ORT with its own cache and tokens; HF (prefill output `ref`) follows the
     same tokens. Also counts steps where ORT's and torch's greedy choice agree."""
-    layers = model.config.text_config.num_hidden_layers
+    pairs = num_kv_pairs(session)
     cache = [np.concatenate([o], axis=1) for o in outs[1:]]  # [1, T, KV, D] per K/V
     logits, seen, tokens, max_err = outs[0][0], list(ids.tolist()), [], 0.0
     agree = []  # per step: ORT argmax == torch argmax on the same history (teacher-forced)
@@ -149,7 +155,7 @@ def _decode_loop(session, model, outs, ref, ids, embed_tokens, delta, steps, pen
         position = np.full((3, 1, 1), total + delta, dtype=np.int64)
         feeds = {"inputs_embeds": embed_tokens[[token]].astype(np.float32)[None],
                  "position_ids": position, "attention_mask": _additive_mask(1, total)}
-        for i in range(layers):
+        for i in range(pairs):
             feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache[2 * i], cache[2 * i + 1]
         outs = session.run(None, feeds)
         with torch.no_grad():
