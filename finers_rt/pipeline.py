@@ -27,7 +27,7 @@ import numpy as np
 from finers_rt import geometry
 from finers_rt.config import BackendOptions, PipelineConfig
 from finers_rt.errors import ArtifactError, InputError, ManifestError
-from finers_rt.image import check_min_size, load_image
+from finers_rt.image import Frame, check_min_size, file_key, open_frame
 from finers_rt.manifest import BundleManifest
 from finers_rt.parsing import ParsedOutput, parse_output, says_not_found
 from finers_rt.prompts import build_gse_prompt, build_lpr_prompt, check_instruction
@@ -124,7 +124,9 @@ class Pipeline:
         self.manifest, self.config = manifest, config
         self.gse, self.lpr, self.sam = gse, lpr, sam
         self.max_extra_crops = max_extra_crops
-        self._locks = {"gse": threading.Lock(), "lpr": threading.Lock(), "sam": threading.Lock()}
+        self._locks = {"gse": threading.Lock(), "lpr": threading.Lock(), "sam": threading.Lock(),
+                       "frame": threading.Lock()}
+        self._last_frame: tuple[tuple, Frame] | None = None  # (file_key, decoded frame)
 
     @classmethod
     def load(cls, bundle: str | os.PathLike | None = None,
@@ -156,20 +158,26 @@ class Pipeline:
 
     def run(self, image: Any, instruction: str, question_type: str = "referring",
             options: str | None = None, max_new_tokens: int | None = None) -> Result:
-        """Answer `instruction` on `image` (a path or an HxWx3 uint8 RGB array)."""
+        """Answer `instruction` on `image` (a path or an HxWx3 uint8 RGB array). The last decoded
+        file is kept: asking about the same unchanged file again does not decode it again."""
         check_instruction(instruction, question_type, options)
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        pixels = load_image(image)
-        check_min_size(pixels, (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE))
-        height, width = pixels.shape[:2]
+        frame = self._open(image)
+        check_min_size(frame, (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE))
+        height, width = frame.shape[:2]
         timings["load_ms"] = _ms(start)
         cfg = self.config
         budget = max_new_tokens or cfg.max_new_tokens
 
         gse_text = build_gse_prompt(instruction, question_type, options, cfg.templates)
+        t0 = time.perf_counter()
+        resized_before = frame.has_resized(cfg.gse_size_wh)
+        gse_image = frame.resized(cfg.gse_size_wh)  # the stage resize, once per frame
+        if not resized_before:
+            timings["gse_vision_ms"] = _ms(t0)  # the stage adds processor + vision graph
         with self._locks["gse"]:
-            gse_out = self.gse.generate(pixels, gse_text, max_new_tokens=budget, stop_at=ANSWER_STOP)
+            gse_out = self.gse.generate(gse_image, gse_text, max_new_tokens=budget, stop_at=ANSWER_STOP)
         _merge_timings(timings, "gse", gse_out.timings_ms)
         gse = parse_output(gse_out.text)
         raw: dict[str, Any] = {"gse": gse_out.text, "lpr": []}
@@ -184,7 +192,7 @@ class Pipeline:
         attempts: list[dict[str, Any]] = []
         outcome = None
         if first_crop is not None:
-            outcome = self._run_lpr(pixels, first_crop, lpr_text, budget, timings, raw, attempts)
+            outcome = self._run_lpr(frame, first_crop, lpr_text, budget, timings, raw, attempts)
         path = "gse" if outcome is not None and outcome.usable else "none"
         if path == "none" and self.max_extra_crops > 0:
             t0 = time.perf_counter()
@@ -192,14 +200,35 @@ class Pipeline:
                                         exclude=first_crop, limit=self.max_extra_crops)
             timings["schedule_ms"] = _ms(t0)
             for crop in candidates:
-                attempt = self._run_lpr(pixels, crop, lpr_text, budget, timings, raw, attempts)
+                attempt = self._run_lpr(frame, crop, lpr_text, budget, timings, raw, attempts)
                 if attempt.usable:
                     outcome = attempt
                     path = "gse+tiles" if first_crop is not None else "tiles"
                     break
-        result = self._finish(pixels, outcome, path, gse, gse_region, timings, raw, attempts)
+        result = self._finish(frame, outcome, path, gse, gse_region, timings, raw, attempts)
         result.timings_ms["total_ms"] = _ms(start)
         return result
+
+    def _open(self, image: Any) -> Frame:
+        """The decoded frame of `image`: arrays are wrapped; a file is decoded unless it is the
+        same unchanged file (`file_key`) as the last call's."""
+        if isinstance(image, np.ndarray):
+            return open_frame(image)
+        if not isinstance(image, (str, os.PathLike)):
+            raise InputError(f"image must be a file path or an HxWx3 uint8 array, got {type(image).__name__}")
+        key = file_key(image)
+        with self._locks["frame"]:
+            if self._last_frame is not None and self._last_frame[0] == key:
+                return self._last_frame[1]
+        frame = open_frame(image)
+        with self._locks["frame"]:
+            self._last_frame = (key, frame)
+        return frame
+
+    def forget_frame(self) -> None:
+        """Drop the kept decoded frame (its memory: about 4 bytes per pixel)."""
+        with self._locks["frame"]:
+            self._last_frame = None
 
     def _crop_for_region(self, region_xyxy, image_wh) -> tuple[int, int, int, int]:
         cfg = self.config
@@ -212,10 +241,10 @@ class Pipeline:
             crop = (0, 0, image_wh[0], image_wh[1])
         return crop
 
-    def _run_lpr(self, pixels, crop_xyxy, lpr_text, budget, timings, raw, attempts) -> _LprOutcome:
+    def _run_lpr(self, frame, crop_xyxy, lpr_text, budget, timings, raw, attempts) -> _LprOutcome:
         t0 = time.perf_counter()
         x1, y1, x2, y2 = (int(v) for v in crop_xyxy)
-        crop = pixels[max(y1, 0):y2, max(x1, 0):x2]
+        crop = frame.crop((x1, y1, x2, y2))
         crop_wh = (crop.shape[1], crop.shape[0])
         timings["crop_ms"] = timings.get("crop_ms", 0.0) + _ms(t0)
         with self._locks["lpr"]:
@@ -240,8 +269,8 @@ class Pipeline:
         attempts.append({"crop_xyxy": [x1, y1, x2, y2], "usable": usable, "reason": reason})
         return _LprOutcome((x1, y1, x2, y2), parsed, box, points, usable, reason)
 
-    def _finish(self, pixels, outcome, path, gse, gse_region, timings, raw, attempts) -> Result:
-        height, width = pixels.shape[:2]
+    def _finish(self, frame, outcome, path, gse, gse_region, timings, raw, attempts) -> Result:
+        height, width = frame.shape[:2]
         mask = np.zeros((height, width), dtype=bool)
         score = bbox = points = region = None
         answer_lpr = outcome.parsed.response if outcome is not None else None
@@ -249,7 +278,7 @@ class Pipeline:
             region = outcome.crop_xyxy
         if outcome is not None and outcome.usable:
             x1, y1, x2, y2 = outcome.crop_xyxy
-            crop = pixels[y1:y2, x1:x2]
+            crop = frame.crop((x1, y1, x2, y2))
             crop_wh = (crop.shape[1], crop.shape[0])
             box_crop = geometry.clamp_box(outcome.box_crop, crop_wh)
             points_crop = None

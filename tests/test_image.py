@@ -177,3 +177,71 @@ def test_strip_copy_equals_pillow_pixels_and_is_writable(tmp_path):
     pil.save(path)
     loaded = load_image(path)
     assert np.array_equal(loaded, image) and loaded.flags.writeable
+
+
+# ---- the pipeline's frame (decode once, read crops and resizes) ------------------------------
+
+
+def _jpeg_with_exif(tmp_path, image, orientation=None):
+    path = tmp_path / f"frame-{orientation}.jpg"
+    kwargs = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kwargs["exif"] = exif
+    Image.fromarray(image).save(path, quality=90, **kwargs)
+    return path
+
+
+@pytest.mark.parametrize("orientation", [None, 3, 6, 8])
+def test_frame_pixels_crops_and_resizes_equal_load_image(tmp_path, orientation):
+    from finers_rt.image import Frame, open_frame
+
+    path = _jpeg_with_exif(tmp_path, _gradient(90, 130), orientation)
+    reference = load_image(path)
+    for frame in (open_frame(path), open_frame(reference)):
+        assert isinstance(frame, Frame) and frame.shape == reference.shape
+        assert np.array_equal(frame.to_array(), reference)
+        for box in [(0, 0, 40, 30), (10, 5, 200, 300), (-7, -3, 20, 25), (50, 60, 50, 70),
+                    (120, 80, 400, 400), (0, 0, reference.shape[1], reference.shape[0])]:
+            x1, y1, x2, y2 = box
+            want = reference[max(y1, 0):y2, max(x1, 0):x2]
+            got = frame.crop(box)
+            assert got.shape == want.shape and np.array_equal(got, want), box
+            assert got.flags.c_contiguous and got.flags.writeable
+        for size in [(64, 36), (131, 91), (reference.shape[1], reference.shape[0])]:
+            assert not frame.has_resized(size)
+            assert np.array_equal(frame.resized(size), resize_for_stage(reference, size))
+            assert frame.has_resized(size) and frame.resized(size) is frame.resized(size)
+
+
+def test_frame_of_other_modes_and_bad_files(tmp_path):
+    from finers_rt.image import open_frame
+
+    gray = tmp_path / "gray.png"
+    Image.fromarray(_gradient(30, 50)[:, :, 0]).save(gray)
+    assert np.array_equal(open_frame(gray).to_array(), load_image(gray))
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not a picture\n" * 20)
+    with pytest.raises(InputError, match="not an image"):
+        open_frame(text)
+    with pytest.raises(InputError, match="not found"):
+        open_frame(tmp_path / "nope.jpg")
+    with pytest.raises(InputError, match="uint8"):
+        open_frame(np.zeros((4, 4, 3), np.float32))
+
+
+def test_file_key_changes_with_the_file(tmp_path):
+    import os
+
+    from finers_rt.image import file_key
+
+    path = tmp_path / "a.png"
+    Image.fromarray(_gradient(20, 20)).save(path)
+    key = file_key(path)
+    assert file_key(str(path)) == key
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))
+    assert file_key(path) != key
+    with pytest.raises(InputError, match="not found"):
+        file_key(tmp_path / "missing.png")

@@ -212,3 +212,37 @@ def test_threads_give_the_same_results(tiny_bundle, scene):
     for t in threads:
         t.join()
     assert got == expected
+
+
+def test_same_file_is_decoded_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    import os
+
+    from PIL import Image
+
+    import finers_rt.pipeline as pipeline_module
+
+    path = tmp_path / "frame.png"
+    Image.fromarray(np.full((1100, 2000, 3), 40, np.uint8)).save(path)
+    decoded = []
+    real_open = pipeline_module.open_frame
+
+    def counting_open(source):
+        decoded.append(source)
+        return real_open(source)
+
+    monkeypatch.setattr(pipeline_module, "open_frame", counting_open)
+    pipe = make_pipe([GSE_OK], [LPR_OK])
+    first = pipe.run(str(path), "the red pen")
+    second = pipe.run(path, "the blue cup")
+    assert len(decoded) == 1 and np.array_equal(first.mask, second.mask)
+    # the scripted stage reports 1 ms; the first call adds the stage resize, kept with the frame
+    assert first.timings_ms["gse_vision_ms"] > 1.0 and second.timings_ms["gse_vision_ms"] == 1.0
+    Image.fromarray(np.full((1100, 2000, 3), 90, np.uint8)).save(path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10_000_000))
+    pipe.run(str(path), "the red pen")
+    assert len(decoded) == 2
+    pipe.forget_frame()
+    pipe.run(str(path), "the red pen")
+    assert len(decoded) == 3
+    assert pipe.gse.calls[0]["shape"] == (1080, 1920, 3)  # GSE gets the frame at its stage size
