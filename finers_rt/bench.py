@@ -7,8 +7,10 @@ for. Both sides run in one process on the same generated images and questions.
 Scenarios (each query = one image file + one referring question through the whole pipeline;
 the runtime runs with `max_extra_crops=0`, i.e. the reference flow):
 - `single`: one question per image, a new image per iteration (caches cold);
-- `repeat`: K questions on the same image; `first` = question 1, `rest` = questions 2..K
-  (the runtime's prefix / vision / SAM caches should make these cheap);
+- `repeat`: K questions on the same image file; `first` = question 1, `rest` = questions 2..K
+  (the runtime's prefix / vision / SAM caches should make these cheap). Both sides keep the
+  last decoded file (a robot decodes a camera frame once and asks about it K times), so the
+  decode counts in question 1 only, on both sides;
 - `batch`: B different images back to back (throughput, images/s; the runtime overlaps stages
   across 2 threads on one Pipeline, the reference runs them one after the other);
 - `stages`: LPR + SAM on a fixed centre crop with a fixed box and points, so those stages are

@@ -172,3 +172,25 @@ def test_decode_report_floor_and_python_overhead():
     merged = normalize_timings({"gse_prefix_prefill_ms": 5.0, "gse_question_prefill_ms": 2.0,
                                 "gse_total_ms": 99.0, "total_ms": 10.0})
     assert merged == {"gse_prefill_ms": 7.0, "total_ms": 10.0}
+
+
+def test_reference_keeps_the_last_decoded_frame(tmp_path):
+    """The repeat scenario's rule on the reference side: one decode per unchanged file."""
+    import os
+
+    from PIL import Image
+
+    pytest.importorskip("torch")
+    from finers_rt.config import PipelineConfig
+    from finers_rt.export.reference import ReferencePipeline
+
+    path = tmp_path / "frame.png"
+    Image.fromarray(np.full((30, 40, 3), 7, np.uint8)).save(path)
+    ref = ReferencePipeline(PipelineConfig(), None, None, None)
+    first = ref._open(path)
+    assert ref._open(str(path)) is first and first.mode == "RGB" and first.size == (40, 30)
+    Image.fromarray(np.full((30, 40, 3), 9, np.uint8)).save(path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10_000_000))
+    again = ref._open(path)
+    assert again is not first and np.asarray(again)[0, 0, 0] == 9

@@ -35,6 +35,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from finers_rt import geometry
 from finers_rt.config import PipelineConfig
 from finers_rt.errors import ArtifactError, InputError, suggest
+from finers_rt.image import file_key
 from finers_rt.manifest import BundleManifest, SamManifest, VlmStageManifest
 from finers_rt.parsing import parse_output
 from finers_rt.prompts import build_gse_prompt, build_lpr_prompt
@@ -227,6 +228,7 @@ class ReferencePipeline:
 
     def __init__(self, config: PipelineConfig, gse: ReferenceVlm, lpr: ReferenceVlm, sam: ReferenceSam):
         self.config, self.gse, self.lpr, self.sam = config, gse, lpr, sam
+        self._last_frame: tuple[tuple, Image.Image] | None = None  # (file_key, decoded RGB image)
 
     @classmethod
     def load(cls, bundle: str | Path, attn_implementation: str = "sdpa") -> "ReferencePipeline":
@@ -253,13 +255,14 @@ class ReferencePipeline:
 
     def run(self, image_path: str | Path, instruction: str, question_type: str = "referring",
             options: str | None = None, max_new_tokens: int | None = None) -> ReferenceResult:
-        """The official FineRS flow on one image file and one instruction."""
+        """The official FineRS flow on one image file and one instruction. Like the runtime (and
+        like a robot that asks K questions about one camera frame), the last decoded file is kept:
+        a question about the same unchanged file does not decode it again."""
         cfg = self.config
         budget = max_new_tokens or cfg.max_new_tokens
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        with Image.open(image_path) as img:
-            pil = img.convert("RGB")
+        pil = self._open(image_path)
         width, height = pil.size
         timings["load_ms"] = _ms(start)
         gse_text = build_gse_prompt(instruction, question_type, options, cfg.templates)
@@ -275,6 +278,14 @@ class ReferencePipeline:
             self._lpr_and_sam(pil, region, instruction, question_type, options, budget, result)
         result.timings_ms["total_ms"] = _ms(start)
         return result
+
+    def _open(self, image_path: str | Path) -> Image.Image:
+        """PIL open + convert("RGB"), or the kept image when the file is the last one unchanged."""
+        key = file_key(image_path)
+        if self._last_frame is None or self._last_frame[0] != key:
+            with Image.open(image_path) as img:
+                self._last_frame = (key, img.convert("RGB"))
+        return self._last_frame[1]
 
     def _lpr_and_sam(self, pil, region, instruction, question_type, options, budget, result) -> None:
         cfg, timings = self.config, result.timings_ms
