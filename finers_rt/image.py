@@ -8,7 +8,8 @@ The processor path reproduces the *slow* `Qwen2VLImageProcessor` of transformers
 image, `float32(float64(x) * rescale_factor)`, `(x - mean) / std` in float32, then the
 Qwen2.5-VL patch order (temporal patch = the image repeated, `merge_size` x `merge_size`
 groups of patches kept together). The per-pixel arithmetic is a 256-entry lookup table per
-channel, so no float64 copy of the image is ever made and the result is bit-identical.
+channel applied after the uint8 image is put in patch order, so no float64 copy of the image is
+ever made, the float32 output is written once and the result is bit-identical.
 """
 
 from __future__ import annotations
@@ -356,11 +357,32 @@ def preprocess_image(image: np.ndarray, config: VisionPreprocessConfig = VisionP
     if (resized_h, resized_w) != (height, width):
         pil = Image.fromarray(image).resize((resized_w, resized_h), _PIL_RESAMPLE[config.resample])
         image = np.asarray(pil, dtype=np.uint8)
+    return _normalized_patches(image, config), (1, resized_h // config.patch_size, resized_w // config.patch_size)
+
+
+def _normalized_patches(image: np.ndarray, config: VisionPreprocessConfig) -> np.ndarray:
+    """`patchify` of the normalized image, fused: the uint8 image is put in patch order first
+    (1 byte per value), then each channel's 256-entry table is applied (cv2.LUT, a pure lookup,
+    so bit-identical) straight into every temporal slot of the float32 output."""
+    import cv2
+
+    size, merge, temporal = config.patch_size, config.merge_size, config.temporal_patch_size
+    height, width, channels = image.shape
+    blocks_h, blocks_w = height // (size * merge), width // (size * merge)
+    num_patches = blocks_h * blocks_w * merge * merge
+    ordered = image.reshape(blocks_h, merge, size, blocks_w, merge, size, channels)
+    ordered = np.ascontiguousarray(ordered.transpose(6, 0, 3, 1, 4, 2, 5))  # [C, bh, bw, mh, mw, ph, pw]
+    ordered = ordered.reshape(channels, num_patches, size * size)
     lut = _normalize_lut(config)
-    normalized = np.empty((resized_h, resized_w, 3), dtype=np.float32)  # [h, w, C]
-    for channel in range(3):
-        normalized[:, :, channel] = lut[channel][image[:, :, channel]]
-    return patchify(normalized, config), (1, resized_h // config.patch_size, resized_w // config.patch_size)
+    out = np.empty((num_patches, channels, temporal, size * size), dtype=np.float32)
+    for channel in range(channels):
+        table = np.ascontiguousarray(lut[channel]).reshape(1, 256)
+        for slot in range(temporal):
+            target = out[:, channel, slot]  # [num_patches, P*P], rows strided
+            written = cv2.LUT(ordered[channel], table, dst=target)
+            if not np.shares_memory(written, target):
+                target[...] = written
+    return out.reshape(num_patches, channels * temporal * size * size)
 
 
 def patchify(normalized: np.ndarray, config: VisionPreprocessConfig) -> np.ndarray:
