@@ -107,6 +107,7 @@ def default_bundle_path() -> Path:
 @dataclass
 class _LprOutcome:
     crop_xyxy: tuple[int, int, int, int]
+    crop: np.ndarray  # [h, w, 3] uint8, the pixels LPR saw (SAM segments the same array)
     parsed: ParsedOutput
     box_crop: tuple[int, int, int, int] | None
     points_crop: tuple[tuple[int, int], ...] | None
@@ -267,7 +268,7 @@ class Pipeline:
             else:
                 usable, reason = True, "ok"
         attempts.append({"crop_xyxy": [x1, y1, x2, y2], "usable": usable, "reason": reason})
-        return _LprOutcome((x1, y1, x2, y2), parsed, box, points, usable, reason)
+        return _LprOutcome((x1, y1, x2, y2), crop, parsed, box, points, usable, reason)
 
     def _finish(self, frame, outcome, path, gse, gse_region, timings, raw, attempts) -> Result:
         height, width = frame.shape[:2]
@@ -278,7 +279,7 @@ class Pipeline:
             region = outcome.crop_xyxy
         if outcome is not None and outcome.usable:
             x1, y1, x2, y2 = outcome.crop_xyxy
-            crop = frame.crop((x1, y1, x2, y2))
+            crop = outcome.crop
             crop_wh = (crop.shape[1], crop.shape[0])
             box_crop = geometry.clamp_box(outcome.box_crop, crop_wh)
             points_crop = None
@@ -302,7 +303,7 @@ class Pipeline:
         labels = self.config.sam_point_labels if points_crop is not None else None
         with self._locks["sam"]:
             t0 = time.perf_counter()
-            self.sam.set_image(np.ascontiguousarray(crop))
+            self.sam.set_image(crop)  # owned, C-contiguous (Frame.crop)
             timings["sam_encoder_ms"] = _ms(t0)
             t0 = time.perf_counter()
             crop_mask, score = self.sam.predict_best(box_crop, points_crop, labels)
