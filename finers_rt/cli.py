@@ -163,6 +163,9 @@ def export_vlm_cmd(
     opset: int = typer.Option(18, "--opset", help="ONNX opset."),
     quantize: str = typer.Option("none", "--quantize", help="Decoder weights: none, int8 or int4."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR."),
+    kv_cache: str = typer.Option("shared", "--kv-cache", help="Decoder K/V contract: shared (fused "
+                                 "GroupQueryAttention, in-place buffer; ONNX Runtime) or concat (plain ops, "
+                                 "e.g. for TensorRT)."),
 ) -> None:
     """Export a Qwen2.5-VL stage to ONNX, validated against the HF model before writing."""
     try:
@@ -173,7 +176,7 @@ def export_vlm_cmd(
         raise MissingExtraError("export", exc.name or "torch", "finers-rt export vlm") from None
     size_wh = parse_size_wh(image_size) if image_size else None
     options = VlmExportOptions(role=role, image_size_wh=size_wh, opset=opset, quantize=quantize,
-                               force=force)
+                               force=force, kv_cache=kv_cache)
     manifest = export_vlm(hf_dir, out_dir, options)
     v, img = manifest.validation, manifest.image
     typer.echo(f"VLM {manifest.role} {manifest.precision} stage {img.stage_size_wh[0]}x"

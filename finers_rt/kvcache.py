@@ -1,10 +1,12 @@
 """KV cache for the decoder graph and a byte-bounded LRU cache of image prefixes.
 
-Layout follows the decoder graph contract (docs/bundle-format.md): per layer, keys and values are
-sequence-major `[batch, seq, kv_heads, head_dim]` float32 ("BSND"). `KVBuffer` preallocates
-`[batch, max_len, KV, D]` once; for batch 1 the first `length` positions are one contiguous block,
-so the `past_*` feeds are zero-copy views and new K/V are written in place by index (no growing
-concatenation per token).
+Layout follows the decoder graph contract (docs/bundle-format.md). `KVBuffer` preallocates one
+key and one value array per K/V pair, once:
+- layout "bsnd" (kv_cache "concat"): sequence-major `[batch, max_len, KV, D]`; for batch 1 the
+  first `length` positions are one contiguous block, so the `past_*` feeds are zero-copy views and
+  new K/V are written in place by index (no growing concatenation per token);
+- layout "bnsh" (kv_cache "shared"): head-major `[batch, KV, max_len, D]`, the whole array bound
+  as the graph's past AND present tensor; the graph writes positions `[length, length + n)`.
 
 `PrefixCache` keeps, per (stage, image content, stage size), the K/V of the prompt prefix up to and
 including `<|vision_end|>` plus the image embeddings, so a second question on the same image (or
@@ -24,15 +26,24 @@ import numpy as np
 from finers_rt.errors import InputError
 
 
+LAYOUTS = ("bsnd", "bnsh")
+
+
 class KVBuffer:
-    """Preallocated per-layer K/V: `keys[i]`, `values[i]` are `[batch, max_len, KV, D]` float32."""
+    """Preallocated K/V per pair (layer): `keys[i]`, `values[i]` are `[batch, max_len, KV, D]`
+    (layout "bsnd") or `[batch, KV, max_len, D]` (layout "bnsh") float32."""
 
     def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-                 dtype: np.dtype = np.float32):
+                 dtype: np.dtype = np.float32, layout: str = "bsnd"):
         if min(num_layers, batch, max_len, num_kv_heads, head_dim) < 1:
             raise InputError(f"KVBuffer sizes must be positive, got layers={num_layers} batch={batch} "
                              f"max_len={max_len} kv_heads={num_kv_heads} head_dim={head_dim}")
-        shape = (batch, max_len, num_kv_heads, head_dim)
+        if layout not in LAYOUTS:
+            raise InputError(f"KVBuffer layout must be one of {list(LAYOUTS)}, got '{layout}'")
+        self.layout = layout
+        self.seq_axis = 1 if layout == "bsnd" else 2
+        shape = ((batch, max_len, num_kv_heads, head_dim) if layout == "bsnd"
+                 else (batch, num_kv_heads, max_len, head_dim))
         self.keys = [np.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.values = [np.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.length = 0  # number of filled positions (the same for every layer)
@@ -43,7 +54,11 @@ class KVBuffer:
 
     @property
     def max_len(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[self.seq_axis]
+
+    def _span(self, start: int, stop: int) -> tuple:
+        """Index of positions [start, stop) on the sequence axis."""
+        return (slice(None),) * self.seq_axis + (slice(start, stop),)
 
     @property
     def batch(self) -> int:
@@ -59,53 +74,60 @@ class KVBuffer:
         length = self.length if length is None else int(length)
         if not 0 <= length <= self.max_len:
             raise InputError(f"past length {length} outside 0..{self.max_len}")
-        return [(k[:, :length], v[:, :length]) for k, v in zip(self.keys, self.values)]
+        span = self._span(0, length)
+        return [(k[span], v[span]) for k, v in zip(self.keys, self.values)]
 
     def slot_views(self, start: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per layer (K, V) views of positions `[start, start+count)`: where the decoder's new K/V
         for those positions belong (used to bind graph outputs straight into the buffer)."""
         self._check_range(start, count)
-        return [(k[:, start:start + count], v[:, start:start + count])
-                for k, v in zip(self.keys, self.values)]
+        span = self._span(start, start + count)
+        return [(k[span], v[span]) for k, v in zip(self.keys, self.values)]
 
     def write(self, layer: int, start: int, new_k: np.ndarray, new_v: np.ndarray) -> None:
-        """Copy `new_k`, `new_v` `[batch, n, KV, D]` into layer `layer` at positions `[start, start+n)`
-        and extend the filled length to at least `start + n`."""
-        count = new_k.shape[1]
+        """Copy `new_k`, `new_v` (`[batch, n, KV, D]`, or `[batch, KV, n, D]` for "bnsh") into layer
+        `layer` at positions `[start, start+n)` and extend the filled length to at least `start + n`."""
+        count = new_k.shape[self.seq_axis]
         self._check_range(start, count)
-        expected = (self.batch, count) + self.keys[layer].shape[2:]
+        span = self._span(start, start + count)
+        expected = self.keys[layer][span].shape
         if new_k.shape != expected or new_v.shape != expected:
             raise InputError(f"new K/V must be {list(expected)}, got {list(new_k.shape)} / "
                              f"{list(new_v.shape)}")
-        self.keys[layer][:, start:start + count] = new_k
-        self.values[layer][:, start:start + count] = new_v
+        self.keys[layer][span] = new_k
+        self.values[layer][span] = new_v
         self.length = max(self.length, start + count)
 
     def claim(self, start: int, count: int) -> None:
         """Mark positions `[start, start+count)` as filled by a writer that bypasses `write` (a graph
-        writing into `slot_views` / `data_pointers`); batch 1 only, where positions are contiguous."""
-        if self.batch != 1:
+        writing into `slot_views` / `data_pointers`): any batch for "bnsh" (the graph gets the whole
+        buffer), batch 1 only for "bsnd", where positions are contiguous."""
+        if self.batch != 1 and self.layout == "bsnd":
             raise InputError(f"claim() writes by pointer and needs batch 1, buffer has batch {self.batch}")
         self._check_range(start, count)
         self.length = max(self.length, start + count)
 
     def load_prefix(self, keys: Sequence[np.ndarray], values: Sequence[np.ndarray]) -> None:
         """Fill positions `[0, P)` of every layer from per-layer `[1 or batch, P, KV, D]` arrays
-        (a batch-1 prefix is broadcast to every row) and set the length to P."""
+        (`[1 or batch, KV, P, D]` for "bnsh"; a batch-1 prefix is broadcast to every row) and set
+        the length to P."""
         if len(keys) != len(self.keys) or len(values) != len(self.values):
             raise InputError(f"prefix has {len(keys)} layers, buffer has {len(self.keys)}")
-        length = keys[0].shape[1]
+        length = keys[0].shape[self.seq_axis]
         self._check_range(0, length)
+        span = self._span(0, length)
         for layer, (k, v) in enumerate(zip(keys, values)):
-            self.keys[layer][:, :length] = k
-            self.values[layer][:, :length] = v
+            self.keys[layer][span] = k
+            self.values[layer][span] = v
         self.length = length
 
     def copy_prefix(self, length: int, row: int = 0) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-        """Owned copies `[1, length, KV, D]` of the first `length` positions of batch row `row`."""
+        """Owned copies `[1, length, KV, D]` (`[1, KV, length, D]` for "bnsh") of the first `length`
+        positions of batch row `row`."""
         self._check_range(0, length)
-        keys = tuple(k[row:row + 1, :length].copy() for k in self.keys)
-        values = tuple(v[row:row + 1, :length].copy() for v in self.values)
+        span = (slice(row, row + 1),) + self._span(0, length)[1:]
+        keys = tuple(k[span].copy() for k in self.keys)  # owned, C-contiguous
+        values = tuple(v[span].copy() for v in self.values)
         return keys, values
 
     def reset(self) -> None:
@@ -128,7 +150,8 @@ def image_digest(image: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class PrefixEntry:
-    """A cached prompt prefix: per-layer K/V `[1, prefix_length, KV, D]` float32 (positions up to
+    """A cached prompt prefix: per-layer K/V `[1, prefix_length, KV, D]` float32 (`[1, KV,
+    prefix_length, D]` for a "bnsh" stage; positions up to
     and including `<|vision_end|>`), the M-RoPE `rope_delta` of the prefix, and
     `image_embeds [num_image_tokens, hidden]` float32."""
 

@@ -308,6 +308,7 @@ class GenerationSpec:
 
 
 VLM_GRAPHS = ("vision", "decoder")
+KV_CACHES = ("concat", "shared")
 
 
 @dataclass(frozen=True)
@@ -330,12 +331,19 @@ class VlmStageManifest(_Serialisable):
     source: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
+    # decoder K/V contract (docs/bundle-format.md): "concat" = sequence-major past in, new K/V out
+    # (bundles written before this field existed); "shared" = head-major buffer read and written in
+    # place by GroupQueryAttention, bound by pointer (ONNX Runtime only)
+    kv_cache: str = "concat"
 
     def __post_init__(self):
         if self.role not in ("gse", "lpr", "generic"):
             raise ValueError(f"role '{self.role}' is not gse|lpr|generic")
         _check_precision(self.precision)
         _check_graphs(self.graphs, VLM_GRAPHS)
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache '{self.kv_cache}' is not one of {list(KV_CACHES)}"
+                             + suggest(self.kv_cache, KV_CACHES))
 
 
 # ---- SAM --------------------------------------------------------------------------------------

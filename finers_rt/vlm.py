@@ -26,7 +26,7 @@ import numpy as np
 
 from finers_rt.backends import create_backend
 from finers_rt.config import BackendOptions
-from finers_rt.errors import ArtifactError, InputError, ManifestError
+from finers_rt.errors import ArtifactError, EngineProfileError, InputError, ManifestError
 from finers_rt.image import ImageSource, VisionPreprocessConfig, load_image, preprocess_image, resize_for_stage
 from finers_rt.kvcache import KVBuffer, PrefixCache, PrefixEntry, image_digest
 from finers_rt.manifest import VlmStageManifest, check_session_matches, verify_files
@@ -72,6 +72,12 @@ class VlmStage:
         self.name = name or f"{manifest.role}:{manifest.graphs['decoder'].sha256[:16] or self.folder}"
         self.preprocess = VisionPreprocessConfig.from_spec(manifest.image)
         self.num_kv_pairs = decoder_kv_pairs(manifest)
+        self.kv_cache = manifest.kv_cache
+        if self.kv_cache == "shared" and not hasattr(decoder, "shared_kv_binding"):
+            raise EngineProfileError(f"{folder}: this stage's decoder (kv_cache 'shared') reads and writes its K/V "
+                                     "buffer in place through ONNX Runtime IO binding; use the ort backend "
+                                     "or re-export the stage with --kv-cache concat")
+        self._bindings: dict[tuple, tuple] = {}  # "shared" decoder: (buffer, binding) per (row, rows, seq)
         self._lock = threading.Lock()
         self._buffer: KVBuffer | None = None
         # Opt-in ORT IO binding for batch-1 steps: K/V bound by pointer into the buffer. Measured on
@@ -160,6 +166,8 @@ class VlmStage:
         cached positions; writes the new K/V into the buffer. Returns `logits [B, V]` (last position)."""
         batch, seq = embeds.shape[:2]
         past = buffer.length
+        if self.kv_cache == "shared":
+            return self._forward_shared(embeds, positions, buffer)
         feeds = {"inputs_embeds": embeds, "position_ids": positions,
                  "attention_mask": causal_mask(batch, seq, past)}
         if batch == 1 and self.io_binding:
@@ -189,12 +197,45 @@ class VlmStage:
         self.decoder.run_with_binding(binding)
         return np.array(binding.get_outputs()[-1].numpy())  # own the logits beyond the binding's life
 
+    def _forward_shared(self, embeds: np.ndarray, positions: np.ndarray, buffer: KVBuffer) -> np.ndarray:
+        """`forward` for the "shared" decoder: the graph reads positions `[0, past)` of the buffer and
+        writes the new K/V at `[past, past+seq)` in place (past and present bound to the same memory).
+        ORT's GroupQueryAttention runs a chunk with past > 0 and seq > 1 for one row at a time."""
+        batch, seq = embeds.shape[:2]
+        past = buffer.length
+        buffer.claim(past, seq)  # checks the range first
+        row_groups = [(row, 1) for row in range(batch)] if seq > 1 and past > 0 and batch > 1 else [(0, batch)]
+        logits = []
+        for row, rows in row_groups:
+            binding = self._binding(buffer, row, rows, seq)
+            binding.embeds[...] = embeds[row:row + rows]
+            binding.positions[...] = positions[:, row:row + rows]
+            binding.seqlens[...] = past + seq - 1
+            binding.total[...] = past + seq
+            binding.run()
+            logits.append(binding.logits if rows == batch else binding.logits.copy())
+        return logits[0].copy() if len(logits) == 1 else np.concatenate(logits)
+
+    def _binding(self, buffer: KVBuffer, row: int, rows: int, seq: int):
+        """The backend's persistent binding of rows `[row, row+rows)` of `buffer` for `seq` new tokens."""
+        key = (row, rows, seq)
+        found = self._bindings.get(key)
+        if found is None or found[0] is not buffer:
+            if len(self._bindings) > 16:
+                self._bindings.clear()
+            pairs = [(k[row:row + rows], v[row:row + rows]) for k, v in zip(buffer.keys, buffer.values)]
+            binding = self.decoder.shared_kv_binding(pairs, seq, self.manifest.text.hidden_size,
+                                                     self.manifest.text.vocab_size)
+            found = self._bindings[key] = (buffer, binding)
+        return found[1]
+
     def _buffer_for(self, batch: int, max_len: int) -> KVBuffer:
         text = self.manifest.text
         if self._buffer is None or self._buffer.batch != batch or self._buffer.max_len < max_len:
             self._buffer = None  # free the old one first
+            self._bindings.clear()
             self._buffer = KVBuffer(self.num_kv_pairs, batch, max_len, text.num_key_value_heads,
-                                    text.head_dim)
+                                    text.head_dim, layout="bnsh" if self.kv_cache == "shared" else "bsnd")
         self._buffer.reset()
         return self._buffer
 
@@ -253,10 +294,9 @@ class VlmStage:
         prefixes = [self._prefix(image, single, keep_kv=True) for image in images]
         self._buffer = None
         buffer = self._buffer_for(len(images), prefix_len + extra_len)
-        for layer in range(len(buffer.keys)):
-            buffer.keys[layer][:, :prefix_len] = np.concatenate([p.entry.keys[layer] for p in prefixes])
-            buffer.values[layer][:, :prefix_len] = np.concatenate([p.entry.values[layer] for p in prefixes])
-        buffer.length = prefix_len
+        pairs = range(len(buffer.keys))
+        buffer.load_prefix([np.concatenate([p.entry.keys[i] for p in prefixes]) for i in pairs],
+                           [np.concatenate([p.entry.values[i] for p in prefixes]) for i in pairs])
         return prefixes, buffer
 
 

@@ -75,15 +75,19 @@ def test_unknown_spec_suggests(tmp_path):
 # ---- export + parity ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec,size_wh", [
-    ("tiny", (251, 173)),        # non-square, not a multiple of 28, partial windows
-    ("tiny-gqa3", (97, 311)),    # GQA 3:1, tall image, full attention first
-    ("tiny-mrope", (143, 143)),  # mrope (8,4,4), MQA, 3 vision blocks with fullatt (0, 2)
+@pytest.mark.parametrize("spec,size_wh,kv_cache", [
+    ("tiny", (251, 173), "shared"),        # non-square, not a multiple of 28, partial windows
+    ("tiny-gqa3", (97, 311), "shared"),    # GQA 3:1, tall image, full attention first
+    ("tiny-mrope", (143, 143), "shared"),  # mrope (8,4,4), MQA, 3 vision blocks with fullatt (0, 2)
+    ("tiny-gqa3", (97, 311), "concat"),    # the plain-op decoder of format-1 bundles
 ])
-def test_export_parity_across_shapes(tmp_path, make_vlm_checkpoint, spec, size_wh):
+def test_export_parity_across_shapes(tmp_path, make_vlm_checkpoint, spec, size_wh, kv_cache):
     hf_dir = make_vlm_checkpoint(spec)
-    manifest = _export(hf_dir, tmp_path / "stage", size_wh)
+    manifest = _export(hf_dir, tmp_path / "stage", size_wh, kv_cache=kv_cache)
     _assert_fp32_parity(manifest)
+    assert manifest.kv_cache == kv_cache
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "stage" / "decoder.onnx")).graph.node}
+    assert ("GroupQueryAttention" in ops) == (kv_cache == "shared")
     text = manifest.text
     assert (text.num_attention_heads, text.num_key_value_heads) == (SPECS[spec].text_heads,
                                                                     SPECS[spec].text_kv_heads)
@@ -117,10 +121,13 @@ def test_manifest_content_matches_contract(tmp_path, tiny_vlm_dir):
     assert decoder.input("inputs_embeds").shape == ("batch", "seq", t.hidden_size)
     assert decoder.input("position_ids").shape == (3, "batch", "seq")
     assert decoder.input("position_ids").dtype == "int64"
-    assert decoder.input("attention_mask").shape == ("batch", 1, "seq", "total")
-    for i in range(t.num_hidden_layers):  # sequence-major K/V
-        assert decoder.input(f"past_key_{i}").shape == ("batch", "past", t.num_key_value_heads, t.head_dim)
-        assert decoder.output(f"new_value_{i}").shape == ("batch", "seq", t.num_key_value_heads, t.head_dim)
+    assert loaded.kv_cache == "shared"
+    assert decoder.input("seqlens_k").shape == ("batch",) and decoder.input("seqlens_k").dtype == "int32"
+    assert decoder.input("total_sequence_length").shape == () and decoder.input("total_sequence_length").dtype == "int32"
+    assert [s.name for s in decoder.inputs][:4] == ["inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length"]
+    for i in range(t.num_hidden_layers):  # head-major K/V, read and written in place
+        assert decoder.input(f"past_key_{i}").shape == ("batch", t.num_key_value_heads, "past", t.head_dim)
+        assert decoder.output(f"present_value_{i}").shape == ("batch", t.num_key_value_heads, "present", t.head_dim)
     assert decoder.output("logits").shape == ("batch", t.vocab_size)
     assert vision.sha256 == file_sha256(out / "vision.onnx")
     emb = np.load(out / "embed_tokens.npy", mmap_mode="r")
@@ -144,8 +151,8 @@ def test_manifest_content_matches_contract(tmp_path, tiny_vlm_dir):
 def test_tampered_decoder_fails_parity_and_leaves_nothing(tmp_path, tiny_vlm_dir, monkeypatch):
     real_write = vlm_export.write_graphs
 
-    def write_then_tamper(model, work, grid, opset):
-        real_write(model, work, grid, opset)
+    def write_then_tamper(model, work, grid, opset, kv_cache):
+        real_write(model, work, grid, opset, kv_cache)
         graph = onnx.load(str(work / "decoder.onnx"))
         weights = [t for t in graph.graph.initializer if t.dims and np.prod(t.dims) > 1000]
         arr = onnx.numpy_helper.to_array(weights[0]).copy()
@@ -158,7 +165,7 @@ def test_tampered_decoder_fails_parity_and_leaves_nothing(tmp_path, tiny_vlm_dir
     with pytest.raises(ExportParityError) as info:
         _export(tiny_vlm_dir, out, (200, 150))
     assert info.value.graph == "decoder"
-    assert info.value.output in ("logits",) or info.value.output.startswith(("new_key_", "new_value_"))
+    assert info.value.output in ("logits",) or info.value.output.startswith(("present_key_", "present_value_"))
     assert info.value.error > info.value.tolerance
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temporary folder left either
@@ -198,8 +205,8 @@ def test_parse_size_and_not_a_checkpoint(tmp_path):
 # ---- quantized decoders ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("precision,op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
-def test_quantized_decoder(tmp_path, tiny_vlm_dir, precision, op):
+@pytest.mark.parametrize("precision,bits", [("int8", 8), ("int4", 4)])
+def test_quantized_decoder(tmp_path, tiny_vlm_dir, precision, bits):
     out = tmp_path / precision
     manifest = _export(tiny_vlm_dir, out, (140, 112), quantize=precision)
     v = manifest.validation
@@ -208,11 +215,16 @@ def test_quantized_decoder(tmp_path, tiny_vlm_dir, precision, op):
     assert 0.0 <= v["top1_agreement_with_torch"] <= 1.0
     assert v["prefill_logits_max_abs_err"] > 0.0  # weights really changed
     assert v["vision_max_abs_err"] < FP32_TOL  # vision stays fp32
-    dec_ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node}
+    dec_nodes = onnx.load(str(out / "decoder.onnx")).graph.node
     vis_ops = {n.op_type for n in onnx.load(str(out / "vision.onnx")).graph.node}
-    assert op in dec_ops and op not in vis_ops
+    nbits = [n for n in dec_nodes if n.op_type == "MatMulNBits"]
+    assert "MatMulNBits" not in vis_ops and not [n for n in dec_nodes if n.op_type == "MatMul"
+                                                 and n.input[1].endswith("weight")]
+    attrs = {a.name: a.i for a in nbits[0].attribute}
+    assert len(nbits) == 4 * manifest.text.num_hidden_layers + 1  # qkv, o, gate_up, down per layer + lm_head
+    assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (bits, 32, 4)
     names = [i.name for i in onnx.load(str(out / "decoder.onnx")).graph.input]
-    assert names[:3] == ["inputs_embeds", "position_ids", "attention_mask"]
+    assert names[:4] == ["inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length"]
 
 
 # ---- pieces ------------------------------------------------------------------------------------

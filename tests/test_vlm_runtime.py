@@ -61,6 +61,26 @@ def test_kv_buffer_prefix_round_trip_and_broadcast():
         KVBuffer(0, 1, 8, 1, 2)
 
 
+def test_kv_buffer_head_major_layout():
+    buffer = KVBuffer(num_layers=2, batch=2, max_len=6, num_kv_heads=3, head_dim=4, layout="bnsh")
+    assert buffer.keys[0].shape == (2, 3, 6, 4) and buffer.max_len == 6
+    new = np.arange(2 * 3 * 2 * 4, dtype=np.float32).reshape(2, 3, 2, 4)
+    buffer.write(1, 0, new, -new)
+    assert buffer.length == 2 and np.array_equal(buffer.past_views()[1][0], new)
+    keys, values = buffer.copy_prefix(2, row=1)
+    assert keys[1].shape == (1, 3, 2, 4) and np.array_equal(values[1][0], -new[1])
+    assert keys[1].flags.c_contiguous and not np.shares_memory(keys[1], buffer.keys[1])
+    buffer.reset()
+    buffer.load_prefix(keys, values)  # one row broadcast to both
+    assert np.array_equal(buffer.keys[1][0, :, :2], new[1]) and np.array_equal(buffer.keys[1][1, :, :2], new[1])
+    buffer.claim(2, 3)  # any batch: the graph gets whole rows
+    assert buffer.length == 5
+    with pytest.raises(InputError, match="exceed"):
+        buffer.claim(5, 2)
+    with pytest.raises(InputError, match="layout"):
+        KVBuffer(1, 1, 4, 1, 2, layout="nhsd")
+
+
 def test_causal_mask_is_additive_and_offset_by_past():
     mask = causal_mask(batch=2, seq=3, past=2)
     assert mask.shape == (2, 1, 3, 5) and mask.dtype == np.float32
@@ -131,17 +151,18 @@ def test_image_digest_depends_on_content_and_shape():
 # ---- exported stages (torch side builds them once) --------------------------------------------
 
 
-def _export(hf_dir, out_dir, size_wh):
+def _export(hf_dir, out_dir, size_wh, kv_cache="shared"):
     from finers_rt.export.vlm import VlmExportOptions, export_vlm
 
-    export_vlm(hf_dir, out_dir, VlmExportOptions(role="generic", image_size_wh=size_wh))
+    export_vlm(hf_dir, out_dir, VlmExportOptions(role="generic", image_size_wh=size_wh, kv_cache=kv_cache))
     return out_dir
 
 
 @pytest.fixture(scope="module")
 def stages(make_vlm_checkpoint, tmp_path_factory):
     """{name: (hf_dir, stage_dir)}: GQA 3:1 without penalty, and a 2-head / 1-KV-head model with an
-    (8, 4, 4) M-RoPE split and repetition_penalty 1.2, at two stage sizes."""
+    (8, 4, 4) M-RoPE split and repetition_penalty 1.2, at two stage sizes ("shared" K/V decoders);
+    "mrope-concat": the second model with the format-1 "concat" decoder."""
     from finers_rt.export.checkpoints import get_spec, make_random_qwen25vl
 
     root = tmp_path_factory.mktemp("vlm-runtime")
@@ -149,7 +170,8 @@ def stages(make_vlm_checkpoint, tmp_path_factory):
     penalty = make_random_qwen25vl(root / "hf-mrope-penalty",
                                    replace(get_spec("tiny-mrope"), repetition_penalty=1.2), seed=3)
     return {"gqa3": (gqa, _export(gqa, root / "gqa3", (140, 112))),
-            "mrope-penalty": (penalty, _export(penalty, root / "mrope", (84, 112)))}
+            "mrope-penalty": (penalty, _export(penalty, root / "mrope", (84, 112))),
+            "mrope-concat": (penalty, _export(penalty, root / "mrope-concat", (84, 112), "concat"))}
 
 
 def _hf_generate(hf_dir, stage_size_wh, image, text, max_new_tokens):
@@ -170,7 +192,7 @@ def _hf_generate(hf_dir, stage_size_wh, image, text, max_new_tokens):
 
 @pytest.mark.parametrize("name,seed,text,expect_eos", [
     ("gqa3", 0, QUESTION, False), ("mrope-penalty", 0, QUESTION, False),
-    ("mrope-penalty", 0, "Describe the image.", True)])
+    ("mrope-penalty", 0, "Describe the image.", True), ("mrope-concat", 0, QUESTION, False)])
 def test_greedy_tokens_equal_hf_generate(stages, name, seed, text, expect_eos):
     from finers_rt.vlm import VlmStage
 
@@ -211,10 +233,11 @@ def test_prefix_cache_hit_skips_vision_and_keeps_tokens(stages):
     assert not other.cache_hit and cache.misses == 2 and len(cache) == 2
 
 
-def test_generate_batch_rows_equal_single_generate(stages):
+@pytest.mark.parametrize("name", ["gqa3", "mrope-concat"])
+def test_generate_batch_rows_equal_single_generate(stages, name):
     from finers_rt.vlm import VlmStage
 
-    _, stage_dir = stages["gqa3"]
+    _, stage_dir = stages[name]
     stage = VlmStage.load(stage_dir, prefix_cache=PrefixCache())
     images = [_image(0), _image(1), _image(2)]
     singles = [stage.generate(image, QUESTION, max_new_tokens=16).token_ids for image in images]

@@ -105,3 +105,42 @@ class OrtBackend:
 
     def run_with_binding(self, binding: ort.IOBinding) -> None:
         self.session.run_with_iobinding(binding)
+
+    def shared_kv_binding(self, pairs: list[tuple[np.ndarray, np.ndarray]], seq: int, hidden: int,
+                          vocab: int) -> "SharedKvBinding":
+        """A persistent IO binding of a kv_cache "shared" decoder graph (docs/bundle-format.md) to
+        `pairs` of contiguous K/V arrays `[rows, KV, max_len, D]`, for `seq` new tokens per run."""
+        return SharedKvBinding(self.session, pairs, seq, hidden, vocab)
+
+
+class SharedKvBinding:
+    """`past_key_i` and `present_key_i` (and values) bound to the SAME caller-owned array, so the
+    graph's GroupQueryAttention reads the cache and writes the new K/V in place; `inputs_embeds`,
+    `position_ids`, `seqlens_k`, `total_sequence_length` and `logits` bound to arrays owned here,
+    which the caller fills before `run()` and reads after. Nothing is re-bound between runs."""
+
+    def __init__(self, session: ort.InferenceSession, pairs: list[tuple[np.ndarray, np.ndarray]], seq: int,
+                 hidden: int, vocab: int):
+        rows = pairs[0][0].shape[0]
+        self.session = session
+        self.pairs = pairs  # keeps the bound memory alive
+        self.embeds = np.zeros((rows, seq, hidden), np.float32)
+        self.positions = np.zeros((3, rows, seq), np.int64)
+        self.seqlens = np.zeros((rows,), np.int32)
+        self.total = np.zeros((), np.int32)
+        self.logits = np.zeros((rows, vocab), np.float32)
+        self.binding = session.io_binding()
+        for name, array in (("inputs_embeds", self.embeds), ("position_ids", self.positions),
+                            ("seqlens_k", self.seqlens), ("total_sequence_length", self.total)):
+            self.binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        self.binding.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+        for i, (keys, values) in enumerate(pairs):
+            for kind, array in (("key", keys), ("value", values)):
+                if not array.flags.c_contiguous or array.dtype != np.float32:
+                    raise InputError(f"shared K/V {kind} {i} must be a contiguous float32 array")
+                shape, ptr = list(array.shape), array.ctypes.data
+                self.binding.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
+                self.binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
+
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding)

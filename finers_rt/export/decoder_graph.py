@@ -1,7 +1,15 @@
 """The Qwen2.5-VL language model as an export-friendly decoder step (embeddings in, last logits out).
 
-The wrapper reuses the HF modules' weights and numerics (RMSNorm, M-RoPE rotary embedding, GQA,
-SiLU MLP) but replaces HF's cache object and mask construction with plain tensors:
+Two K/V cache contracts (docs/bundle-format.md, manifest `kv_cache`):
+
+`"shared"` (`SharedKvDecoderStep`, the default): one `com.microsoft::GroupQueryAttention` node per
+layer reads and writes a preallocated `[batch, KV, max_len, D]` buffer in place (the runtime binds
+`past_key_i` and `present_key_i` to the same memory), fused QKV and gate/up projections, M-RoPE
+cos/sin computed once per step. See `SharedKvDecoderStep` for the interface.
+
+`"concat"` (`DecoderStep`, format 1 bundles, portable to TensorRT): plain ONNX ops only. The wrapper
+reuses the HF modules' weights and numerics (RMSNorm, M-RoPE rotary embedding, GQA, SiLU MLP) but
+replaces HF's cache object and mask construction with plain tensors:
 
   in  inputs_embeds  float32 [batch, seq, H]
   in  position_ids   int64   [3, batch, seq]            M-RoPE (t, h, w) positions
@@ -85,9 +93,175 @@ class DecoderStep(nn.Module):
         return self.lm_head(last)[:, 0, :]  # [B, V]
 
 
-def export_decoder(model: nn.Module, path: str, opset: int, step: DecoderStep | None = None) -> None:
-    """Trace `step` (default `DecoderStep(model)`) to ONNX at `path` with dynamic batch / seq / past."""
-    step = (step or DecoderStep(model)).eval()
+class _GroupQueryAttention(torch.autograd.Function):
+    """`com.microsoft::GroupQueryAttention` (ONNX Runtime contrib op), causal, no rotary inside.
+
+    q [B, S, N*D], k / v [B, S, KV*D] (rotary applied), past_k / past_v [B, KV, P, D],
+    seqlens_k int32 [B] (= past length + S - 1), total int32 [] (= past length + S).
+    Returns (out [B, S, N*D], present_k, present_v [B, KV, P+S, D]). The torch forward is the
+    reference used while tracing; ORT runs the fused kernel, which with past and present bound to
+    ONE buffer of max_len positions writes the new K/V at [past, past+S) in place.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, num_heads: int, kv_heads: int, scale: float):
+        bsz, seq = q.shape[0], q.shape[1]
+        dim = past_k.shape[-1]
+        k_all = torch.cat([past_k, k.view(bsz, seq, kv_heads, dim).transpose(1, 2)], dim=2)  # [B, KV, T, D]
+        v_all = torch.cat([past_v, v.view(bsz, seq, kv_heads, dim).transpose(1, 2)], dim=2)
+        groups = num_heads // kv_heads
+        qh = q.view(bsz, seq, num_heads, dim).transpose(1, 2)  # [B, N, S, D]
+        keys, values = k_all.repeat_interleave(groups, dim=1), v_all.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(qh, keys.transpose(2, 3)) * scale  # [B, N, S, T]
+        total_len, past = k_all.shape[2], k_all.shape[2] - seq
+        causal = torch.arange(total_len)[None, :] > (past + torch.arange(seq))[:, None]
+        probs = torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1)
+        out = torch.matmul(probs, values).transpose(1, 2).reshape(bsz, seq, num_heads * dim)
+        return out, k_all, v_all
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, num_heads, kv_heads, scale):
+        out, present_k, present_v = g.op(
+            "com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total,
+            num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale, outputs=3)
+        out.setType(q.type())  # rank and dtype for the exporter's shape inference
+        present_k.setType(past_k.type())
+        present_v.setType(past_v.type())
+        return out, present_k, present_v
+
+
+class SharedKvDecoderStep(DecoderStep):
+    """The decoder step of the "shared" K/V contract (format 2):
+
+      in  inputs_embeds  float32 [batch, seq, H]
+      in  position_ids   int64   [3, batch, seq]         M-RoPE (t, h, w) positions
+      in  seqlens_k      int32   [batch]                 past + seq - 1 (filled length - 1)
+      in  total_sequence_length int32 []                 past + seq
+      in  past_key_i / past_value_i float32 [batch, KV, past_max, D]   head-major cache of pair i
+      out logits         float32 [batch, V]              last position only
+      out present_key_i / present_value_i float32 [batch, KV, present, D]
+
+    Causal attention over the first `total_sequence_length` positions (no mask input). Bound to one
+    buffer (past_max = present = max_len) the op writes the new K/V in place; fed plainly, `past`
+    holds exactly the cached positions and `present` is past + new (used by validation).
+    Per layer: RMSNorm, ONE QKV MatMul, rotary on q and k (cos/sin of v's heads are 1/0, exact),
+    GroupQueryAttention, o_proj, RMSNorm, ONE gate/up MatMul, SiLU, down_proj.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.qkv = nn.ModuleList()
+        self.gate_up = nn.ModuleList()
+        for layer in self.lm.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.qkv.append(_fused_linear([attn.q_proj, attn.k_proj, attn.v_proj]))
+            self.gate_up.append(_fused_linear([mlp.gate_proj, mlp.up_proj]))
+        rotary = self.lm.rotary_emb
+        half = self.head_dim // 2
+        section = torch.cat([torch.full((n,), axis, dtype=torch.long)
+                             for axis, n in enumerate(self.mrope_section)])  # [D/2] axis of each freq
+        self.register_buffer("section_axis", section, persistent=False)
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
+        self.attention_scaling = float(rotary.attention_scaling)
+        sign = torch.cat([-torch.ones(half), torch.ones(half)])  # rotate_half's sign, folded into sin
+        self.register_buffer("sin_sign", sign, persistent=False)
+
+    def _rope(self, position_ids, bsz, seq):
+        """cos, sin [B, S, heads+2*KV, D]: M-RoPE of q and k heads, (1, 0) on v heads; sin carries
+        rotate_half's sign. Same values as HF's rotary_emb + apply_multimodal_rotary_pos_emb."""
+        pos = position_ids.float().index_select(0, self.section_axis)  # [D/2, B, S]
+        freqs = pos.permute(1, 2, 0) * self.inv_freq  # [B, S, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, S, 1, D]
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        rot = self.num_heads + self.num_kv_heads
+        shape = (bsz, seq, rot, self.head_dim)
+        ones = torch.ones(bsz, seq, self.num_kv_heads, self.head_dim)
+        cos = torch.cat([cos.expand(shape), ones], dim=2)
+        sin = torch.cat([(sin * self.sin_sign).expand(shape), ones * 0.0], dim=2)
+        return cos, sin
+
+    def _shared_layer(self, i, h, cos, sin, seqlens_k, total, past_k, past_v):
+        layer = self.lm.layers[i]
+        attn = layer.self_attn
+        bsz, seq = h.shape[0], h.shape[1]
+        heads = self.num_heads + 2 * self.num_kv_heads
+        qkv = self.qkv[i](layer.input_layernorm(h)).view(bsz, seq, heads, self.head_dim)
+        swapped = qkv.view(bsz, seq, heads, 2, self.head_dim // 2).flip(3).reshape(qkv.shape)
+        qkv = (qkv * cos + swapped * sin).reshape(bsz, seq, heads * self.head_dim)
+        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                             self.num_kv_heads * self.head_dim], dim=-1)
+        out, present_k, present_v = _GroupQueryAttention.apply(
+            q, k, v, past_k, past_v, seqlens_k, total, self.num_heads, self.num_kv_heads, float(attn.scaling))
+        h = h + attn.o_proj(out)
+        gate, up = self.gate_up[i](layer.post_attention_layernorm(h)).chunk(2, dim=-1)
+        h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        return h, present_k, present_v
+
+    def forward(self, inputs_embeds, position_ids, seqlens_k, total, *past):
+        bsz, seq = inputs_embeds.shape[0], inputs_embeds.shape[1]
+        cos, sin = self._rope(position_ids, bsz, seq)
+        h = inputs_embeds
+        present = []
+        for i in range(self.num_layers):
+            h, pk, pv = self._shared_layer(i, h, cos, sin, seqlens_k, total, past[2 * i], past[2 * i + 1])
+            present += [pk, pv]
+        return (self._head(h), *present)
+
+    def io_names(self) -> tuple[list[str], list[str]]:
+        past = [n for i in range(self.num_kv_pairs) for n in (f"past_key_{i}", f"past_value_{i}")]
+        present = [n for i in range(self.num_kv_pairs) for n in (f"present_key_{i}", f"present_value_{i}")]
+        return ["inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length", *past], ["logits", *present]
+
+    def example_inputs(self):
+        """(args, input names, output names, dynamic axes) for tracing."""
+        bsz, seq, past = 1, 3, 2
+        embeds = torch.randn(bsz, seq, self.lm.config.hidden_size)
+        pos = torch.arange(past, past + seq).view(1, 1, seq).expand(3, bsz, seq).contiguous()
+        seqlens = torch.full((bsz,), past + seq - 1, dtype=torch.int32)
+        total = torch.tensor(past + seq, dtype=torch.int32)
+        kv = [torch.randn(bsz, self.num_kv_heads, past, self.head_dim) for _ in range(2 * self.num_kv_pairs)]
+        in_names, out_names = self.io_names()
+        axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": {1: "batch", 2: "seq"},
+                "seqlens_k": {0: "batch"}, "logits": {0: "batch"}}
+        axes.update({n: {0: "batch", 2: "past"} for n in in_names[4:]})
+        axes.update({n: {0: "batch", 2: "present"} for n in out_names[1:]})
+        return (embeds, pos, seqlens, total, *kv), in_names, out_names, axes
+
+
+def _fused_linear(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the concatenation of `linears`' outputs (same weights)."""
+    fused = nn.Linear(linears[0].in_features, sum(l.out_features for l in linears),
+                      bias=linears[0].bias is not None)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([l.weight for l in linears], dim=0))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([l.bias for l in linears], dim=0))
+    return fused
+
+
+KV_CACHES = ("shared", "concat")
+
+
+def export_decoder(model: nn.Module, path: str, opset: int, step: DecoderStep | None = None,
+                   kv_cache: str = "shared") -> None:
+    """Trace `step` (default: `SharedKvDecoderStep(model)` for kv_cache "shared", `DecoderStep(model)`
+    for "concat") to ONNX at `path` with dynamic batch / seq / past."""
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"unknown kv_cache '{kv_cache}', expected one of {list(KV_CACHES)}")
+    if step is None:
+        step = SharedKvDecoderStep(model) if kv_cache == "shared" else DecoderStep(model)
+    step = step.eval()
+    if isinstance(step, SharedKvDecoderStep):
+        args, in_names, out_names, axes = step.example_inputs()
+    else:
+        args, in_names, out_names, axes = _concat_example_inputs(step)
+    _trace(step, args, path, in_names, out_names, axes, opset)
+
+
+def _concat_example_inputs(step: DecoderStep):
+    """(args, input names, output names, dynamic axes) of the "concat" contract."""
     cfg = step.lm.config
     bsz, seq, past = 1, 3, 2
     embeds = torch.randn(bsz, seq, cfg.hidden_size)
@@ -99,9 +273,13 @@ def export_decoder(model: nn.Module, path: str, opset: int, step: DecoderStep | 
             "attention_mask": {0: "batch", 2: "seq", 3: "total"}, "logits": {0: "batch"}}
     axes.update({n: {0: "batch", 1: "past"} for n in in_names[3:]})
     axes.update({n: {0: "batch", 1: "seq"} for n in out_names[1:]})
+    return (embeds, pos, mask, *kv), in_names, out_names, axes
+
+
+def _trace(step, args, path, in_names, out_names, axes, opset) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         # the TorchScript exporter is deprecated but handles these static/dynamic graphs reliably
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(step, (embeds, pos, mask, *kv), path, input_names=in_names,
+        torch.onnx.export(step, args, path, input_names=in_names,
                           output_names=out_names, dynamic_axes=axes, opset_version=opset,
                           dynamo=False, do_constant_folding=True)

@@ -95,15 +95,37 @@ def num_kv_pairs(decoder_session) -> int:
     return sum(arg.name.startswith("past_key_") for arg in decoder_session.get_inputs())
 
 
-def _ort_prefill(decoder_session, num_pairs, kv_shape, embeds, position_ids):
+def is_shared_kv(decoder_session) -> bool:
+    """True for the kv_cache "shared" contract (head-major past, present out, no mask input)."""
+    return any(arg.name == "seqlens_k" for arg in decoder_session.get_inputs())
+
+
+def _step_feeds(session, embeds, position_ids, cache, past):
+    """Feeds of one decoder run after `past` cached positions; `cache` is the per-pair K/V list
+    ([1, past, KV, D] for "concat", [1, KV, past, D] for "shared"). Plain run: no shared buffer."""
     seq = embeds.shape[1]
-    feeds = {"inputs_embeds": embeds, "position_ids": position_ids,
-             "attention_mask": _additive_mask(seq, 0)}
-    empty = np.zeros((1, 0, *kv_shape), dtype=np.float32)
-    for i in range(num_pairs):
-        feeds[f"past_key_{i}"] = empty
-        feeds[f"past_value_{i}"] = empty
-    return decoder_session.run(None, feeds)
+    feeds = {"inputs_embeds": embeds, "position_ids": position_ids}
+    if is_shared_kv(session):
+        feeds["seqlens_k"] = np.array([past + seq - 1], dtype=np.int32)
+        feeds["total_sequence_length"] = np.array(past + seq, dtype=np.int32)
+    else:
+        feeds["attention_mask"] = _additive_mask(seq, past)
+    for i in range(len(cache) // 2):
+        feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache[2 * i], cache[2 * i + 1]
+    return feeds
+
+
+def _next_cache(session, cache, outs):
+    """The cache after a run: "shared" returns past + new (present), "concat" only the new K/V."""
+    if is_shared_kv(session):
+        return list(outs[1:])
+    return [np.concatenate([c, n], axis=1) for c, n in zip(cache, outs[1:])]
+
+
+def _ort_prefill(decoder_session, num_pairs, kv_shape, embeds, position_ids):
+    shape = (1, kv_shape[0], 0, kv_shape[1]) if is_shared_kv(decoder_session) else (1, 0, *kv_shape)
+    cache = [np.zeros(shape, dtype=np.float32)] * (2 * num_pairs)
+    return decoder_session.run(None, _step_feeds(decoder_session, embeds, position_ids, cache, 0))
 
 
 def check_decoder(decoder_session, model, inputs: ParityInputs, image_embeds: np.ndarray,
@@ -127,10 +149,13 @@ def check_decoder(decoder_session, model, inputs: ParityInputs, image_embeds: np
         "decoder", "logits", float(np.abs(outs[0] - ref.logits[:, -1].numpy()).max()), tol.logits,
         "prefill")}
     kv_err = 0.0
+    shared = is_shared_kv(decoder_session)
+    prefix = "present" if shared else "new"
     for i in range(layers):  # pairs beyond the HF layers have no reference
-        ref_k, ref_v = _layer_kv(ref.past_key_values, i)
-        for name, got, want in ((f"new_key_{i}", outs[1 + 2 * i], ref_k), (f"new_value_{i}", outs[2 + 2 * i], ref_v)):
-            err = float(np.abs(got - want.transpose(1, 2).numpy()).max())
+        ref_k, ref_v = _layer_kv(ref.past_key_values, i)  # [B, KV, T, D]
+        for name, got, want in ((f"{prefix}_key_{i}", outs[1 + 2 * i], ref_k),
+                                (f"{prefix}_value_{i}", outs[2 + 2 * i], ref_v)):
+            err = float(np.abs(got - (want if shared else want.transpose(1, 2)).numpy()).max())
             kv_err = max(kv_err, _check("decoder", name, err, tol.kv, "prefill"))
     result["prefill_kv_max_abs_err"] = kv_err
     result.update(_decode_loop(decoder_session, model, outs, ref, ids, embed_tokens,
@@ -141,8 +166,7 @@ def check_decoder(decoder_session, model, inputs: ParityInputs, image_embeds: np
 def _decode_loop(session, model, outs, ref, ids, embed_tokens, delta, steps, penalty, tol):
     """Greedy decode on ORT with its own cache and tokens; HF (prefill output `ref`) follows the
     same tokens. Also counts steps where ORT's and torch's greedy choice agree."""
-    pairs = num_kv_pairs(session)
-    cache = [np.concatenate([o], axis=1) for o in outs[1:]]  # [1, T, KV, D] per K/V
+    cache = list(outs[1:])  # per K/V: [1, T, KV, D] ("concat") or [1, KV, T, D] ("shared")
     logits, seen, tokens, max_err = outs[0][0], list(ids.tolist()), [], 0.0
     agree = []  # per step: ORT argmax == torch argmax on the same history (teacher-forced)
     ref_cache, ref_logits = ref.past_key_values, ref.logits[0, -1].numpy()
@@ -153,10 +177,7 @@ def _decode_loop(session, model, outs, ref, ids, embed_tokens, delta, steps, pen
         tokens.append(token)
         seen.append(token)
         position = np.full((3, 1, 1), total + delta, dtype=np.int64)
-        feeds = {"inputs_embeds": embed_tokens[[token]].astype(np.float32)[None],
-                 "position_ids": position, "attention_mask": _additive_mask(1, total)}
-        for i in range(pairs):
-            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache[2 * i], cache[2 * i + 1]
+        feeds = _step_feeds(session, embed_tokens[[token]].astype(np.float32)[None], position, cache, total)
         outs = session.run(None, feeds)
         with torch.no_grad():
             ref = model(input_ids=torch.tensor([[token]]), past_key_values=ref_cache,
@@ -167,7 +188,7 @@ def _decode_loop(session, model, outs, ref, ids, embed_tokens, delta, steps, pen
         ref_logits = ref.logits[0, -1].numpy()
         err = float(np.abs(outs[0] - ref.logits[:, -1].numpy()).max())
         max_err = max(max_err, _check("decoder", "logits", err, tol.logits, f"decode step {step + 1}"))
-        cache = [np.concatenate([c, n], axis=1) for c, n in zip(cache, outs[1:])]
+        cache = _next_cache(session, cache, outs)
         logits, total = outs[0][0], total + 1
     tokens.append(int(np.argmax(apply_repetition_penalty(logits, seen, penalty))))
     agree.append(tokens[-1] == int(np.argmax(apply_repetition_penalty(ref_logits, seen, penalty))))

@@ -27,7 +27,7 @@ from finers_rt.config import PipelineConfig
 from finers_rt.errors import ArtifactError, ExportParityError, InputError, suggest
 from finers_rt.export import validate
 from finers_rt.export.checkpoints import load_reference
-from finers_rt.export.decoder_graph import export_decoder
+from finers_rt.export.decoder_graph import KV_CACHES, export_decoder
 from finers_rt.export.graph_files import consolidate_external_data, graph_spec
 from finers_rt.export.quantize import QUANTIZATIONS, quantize_decoder
 from finers_rt.export.staging import check_out_dir, staged_folder
@@ -50,6 +50,7 @@ class VlmExportOptions:
     quantize: str = "none"
     decode_steps: int = 8
     force: bool = False
+    kv_cache: str = "shared"
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -65,6 +66,9 @@ class VlmExportOptions:
             raise InputError(f"image size must be W x H with both >= 28, got {self.image_size_wh}")
         if not 14 <= self.opset <= 21:
             raise InputError(f"opset must be in 14..21, got {self.opset}")
+        if self.kv_cache not in KV_CACHES:
+            raise InputError(f"unknown kv_cache '{self.kv_cache}', expected one of {list(KV_CACHES)}"
+                             + suggest(self.kv_cache, KV_CACHES))
         if self.decode_steps < 8:
             raise InputError(f"decode_steps must be >= 8, got {self.decode_steps}")
 
@@ -173,11 +177,11 @@ def _special_tokens(model) -> SpecialTokens:
         pad_token_id=None if gen.pad_token_id is None else int(gen.pad_token_id))
 
 
-def write_graphs(model, work: Path, grid: tuple[int, int, int], opset: int) -> None:
+def write_graphs(model, work: Path, grid: tuple[int, int, int], opset: int, kv_cache: str = "shared") -> None:
     """Export `vision.onnx` and `decoder.onnx` (+ `.data` when large) into `work`."""
     export_vision(model.model.visual, grid, str(work / "vision.onnx"), opset)
     consolidate_external_data(work / "vision.onnx")
-    export_decoder(model, str(work / "decoder.onnx"), opset)
+    export_decoder(model, str(work / "decoder.onnx"), opset, kv_cache=kv_cache)
     consolidate_external_data(work / "decoder.onnx")
 
 
@@ -219,7 +223,7 @@ def export_vlm(hf_dir: str | Path, out_dir: str | Path, options: VlmExportOption
 
 
 def _build_stage(model, processor, hf_dir, work, options, inputs, image_spec, chat) -> VlmStageManifest:
-    write_graphs(model, work, image_spec.grid_thw, options.opset)
+    write_graphs(model, work, image_spec.grid_thw, options.opset, options.kv_cache)
     embed = np.asarray(model.get_input_embeddings().weight.detach().numpy(), np.float32)  # [V, H]
     np.save(work / "embed_tokens.npy", embed)
     shutil.copyfile(hf_dir / "tokenizer.json", work / "tokenizer.json")
@@ -275,4 +279,4 @@ def _manifest(model, hf_dir, work, options, image_spec, chat, embed, report) -> 
         exporter={"finers_rt": __version__, "torch": torch.__version__.split("+")[0],
                   "transformers": transformers.__version__, "onnx": onnx.__version__,
                   "onnxruntime": ort.__version__, "opset": options.opset},
-        validation=report)
+        validation=report, kv_cache=options.kv_cache)
