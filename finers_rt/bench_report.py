@@ -52,7 +52,8 @@ def _summary_table(result: dict[str, Any]) -> Any:
             ("speedup repeat question (2nd..Kth)", _fmt(result["speedup_repeat_query"], 2)),
             ("ours peak RSS MiB", _fmt(ours["peak_rss_mb"], 0)),
             ("ours batch images/s", _fmt(ours["batch"]["images_per_s"], 3)),
-            ("memory bandwidth GB/s", _fmt(result["bandwidth_gbs"], 1))]
+            ("memory bandwidth GB/s, 1 thread: read (floor) / copy",
+             f"{_fmt(result['bandwidth_gbs'], 1)} / {_fmt(result.get('bandwidth_copy_gbs'), 1)}")]
     for stage in ("gse", "lpr"):
         d = ours["decode"].get(stage)
         if d:

@@ -155,8 +155,9 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda m: None) -
 
     bundle = Path(opts.model) if opts.model else default_bundle_path()
     env = bench.environment(opts.threads)
-    bandwidth = bench.measure_bandwidth()
-    log(f"memory bandwidth {bandwidth:.1f} GB/s")
+    bandwidth = bench.measure_bandwidth(kind="read")  # the floor: one thread reading weights
+    bandwidth_copy = bench.measure_bandwidth(kind="copy")
+    log(f"memory bandwidth (1 thread) read {bandwidth:.1f} GB/s, copy {bandwidth_copy:.1f} GB/s")
     with bench.scratch_dir() as scratch:
         images = bench.make_image_sets(Path(scratch), opts)
         bench.reset_peak_rss()
@@ -170,7 +171,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda m: None) -
         ours["decode"] = decode_report(ours_raw["single"] + ours_raw["stages"], floors)
         result: dict[str, Any] = {"speedup_e2e": None, "speedup_repeat_query": None,
                                   "model": str(pipe.manifest.name), "options": _options_dict(opts),
-                                  "environment": env, "bandwidth_gbs": bandwidth, "floors": floors,
+                                  "environment": env, "bandwidth_gbs": bandwidth,
+                                  "bandwidth_copy_gbs": bandwidth_copy, "floors": floors,
                                   "ours": ours}
         if opts.reference:
             _run_reference(opts, bundle, images, pipe, ours_raw, result, log)

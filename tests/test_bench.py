@@ -86,6 +86,9 @@ def test_bad_options(kwargs, needle):
 
 def test_machine_helpers():
     assert bench.measure_bandwidth(nbytes=8 << 20, repeats=2) > 0.01
+    assert bench.measure_bandwidth(nbytes=8 << 20, repeats=2, kind="copy") > 0.01
+    with pytest.raises(InputError, match="read' or 'copy"):
+        bench.measure_bandwidth(nbytes=8 << 20, kind="triad")
     if bench.reset_peak_rss():
         assert bench.peak_rss_mb() > 1.0
 
