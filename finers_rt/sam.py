@@ -52,16 +52,22 @@ def transform_coords(coords_xy: np.ndarray, orig_hw: Sequence[int], image_size: 
 
 def preprocess_image(image: np.ndarray, image_size: int, pixel_mean: Sequence[float],
                      pixel_std: Sequence[float]) -> np.ndarray:
-    """HxWx3 uint8 RGB -> encoder input `[1, 3, S, S]` float32 (resized, normalised, padded)."""
+    """HxWx3 uint8 RGB -> encoder input `[1, 3, S, S]` float32 (resized, normalised, padded).
+
+    `(float32(x) - mean) / std` is a 256-entry float32 table per channel (cv2.LUT on the uint8
+    image: the same IEEE float32 operations as `Sam.preprocess`, without float temporaries)."""
+    import cv2
+
     new_h, new_w = resized_hw(image.shape[:2], image_size)
-    pil = Image.fromarray(np.ascontiguousarray(image))
-    if pil.size != (new_w, new_h):
-        pil = pil.resize((new_w, new_h), Image.BILINEAR)
-    resized = np.asarray(pil, dtype=np.float32)  # [h', w', 3]
+    resized = np.ascontiguousarray(image)
+    if resized.shape[:2] != (new_h, new_w):
+        resized = np.asarray(Image.fromarray(resized).resize((new_w, new_h), Image.BILINEAR))
     mean = np.asarray(pixel_mean, dtype=np.float32)
     std = np.asarray(pixel_std, dtype=np.float32)
+    table = (np.arange(256, dtype=np.float32)[:, None] - mean) / std  # [256, 3]
     padded = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
-    padded[0, :, :new_h, :new_w] = ((resized - mean) / std).transpose(2, 0, 1)
+    normalized = cv2.LUT(resized, np.ascontiguousarray(table).reshape(1, 256, 3))  # [h', w', 3]
+    padded[0, :, :new_h, :new_w] = normalized.transpose(2, 0, 1)
     return padded
 
 

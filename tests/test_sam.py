@@ -367,3 +367,21 @@ def test_random_vit_b_exports_and_validates(tmp_path):
     manifest = sam_export.export_sam(checkpoint, tmp_path / "sam_vit_b", "vit_b")
     assert manifest.validation["passed"] and manifest.image_size == 1024
     assert tuple(manifest.embedding_hw) == (64, 64) and manifest.embedding_dim == 256
+
+
+@pytest.mark.parametrize("size_hw", [(300, 700), (512, 512), (1000, 37)])
+def test_encoder_input_is_bit_identical_to_sam_preprocess(tiny512, size_hw):
+    """The runtime's resize + normalise + pad equals SamPredictor.set_image's encoder input."""
+    from finers_rt.sam import preprocess_image
+
+    segment_anything = import_segment_anything()
+    sam = tiny512["torch"]
+    image = sam_export.random_test_image(np.random.default_rng(size_hw[0]), *size_hw)
+    transform = segment_anything.utils.transforms.ResizeLongestSide(sam.image_encoder.img_size)
+    resized = torch.as_tensor(transform.apply_image(image)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        reference = sam.preprocess(resized).numpy()
+    ours = preprocess_image(image, sam.image_encoder.img_size, sam.pixel_mean.flatten().tolist(),
+                            sam.pixel_std.flatten().tolist())
+    assert ours.dtype == np.float32 and ours.shape == reference.shape
+    assert np.array_equal(ours, reference)
