@@ -157,39 +157,45 @@ class SharedKvDecoderStep(DecoderStep):
             self.qkv.append(_fused_linear([attn.q_proj, attn.k_proj, attn.v_proj]))
             self.gate_up.append(_fused_linear([mlp.gate_proj, mlp.up_proj]))
         rotary = self.lm.rotary_emb
-        half = self.head_dim // 2
+        dim, half = self.head_dim, self.head_dim // 2
         section = torch.cat([torch.full((n,), axis, dtype=torch.long)
                              for axis, n in enumerate(self.mrope_section)])  # [D/2] axis of each freq
-        self.register_buffer("section_axis", section, persistent=False)
-        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
+        self.register_buffer("section_axis", torch.cat([section, section]), persistent=False)  # [D]
+        inv_freq = rotary.inv_freq.detach().float()
+        self.register_buffer("inv_freq", torch.cat([inv_freq, inv_freq]), persistent=False)  # [D]
         self.attention_scaling = float(rotary.attention_scaling)
-        sign = torch.cat([-torch.ones(half), torch.ones(half)])  # rotate_half's sign, folded into sin
-        self.register_buffer("sin_sign", sign, persistent=False)
+        # columns of the fused q|k|v output: each one's rotate_half partner, and per-column factors
+        # that give cos / sin on q and k columns and (1, 0) on v columns (exact: x*1 + y*0 = x)
+        heads = self.num_heads + 2 * self.num_kv_heads
+        col = torch.arange(heads * dim)
+        within = col % dim
+        rotated = col < (self.num_heads + self.num_kv_heads) * dim
+        self.register_buffer("partner", col - within + (within + half) % dim, persistent=False)
+        self.register_buffer("cos_keep", rotated.float(), persistent=False)
+        self.register_buffer("cos_fill", (~rotated).float(), persistent=False)
+        sign = torch.where(within < half, -1.0, 1.0)  # rotate_half's sign, folded into sin
+        self.register_buffer("sin_sign", torch.where(rotated, sign, 0.0), persistent=False)
 
-    def _rope(self, position_ids, bsz, seq):
-        """cos, sin [B, S, heads+2*KV, D]: M-RoPE of q and k heads, (1, 0) on v heads; sin carries
-        rotate_half's sign. Same values as HF's rotary_emb + apply_multimodal_rotary_pos_emb."""
-        pos = position_ids.float().index_select(0, self.section_axis)  # [D/2, B, S]
-        freqs = pos.permute(1, 2, 0) * self.inv_freq  # [B, S, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, S, 1, D]
-        cos, sin = emb.cos(), emb.sin()
+    def _rope(self, position_ids):
+        """cos, sin [B, S, (heads+2*KV)*D] over the fused q|k|v columns: M-RoPE on q and k heads,
+        (1, 0) on v heads; sin carries rotate_half's sign. Same values as HF's rotary_emb +
+        apply_multimodal_rotary_pos_emb (elementwise, same products)."""
+        pos = position_ids.float().index_select(0, self.section_axis)  # [D, B, S]
+        freqs = pos.permute(1, 2, 0) * self.inv_freq  # [B, S, D] = HF's cat(freqs, freqs)
+        cos, sin = freqs.cos(), freqs.sin()
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        rot = self.num_heads + self.num_kv_heads
-        shape = (bsz, seq, rot, self.head_dim)
-        ones = torch.ones(bsz, seq, self.num_kv_heads, self.head_dim)
-        cos = torch.cat([cos.expand(shape), ones], dim=2)
-        sin = torch.cat([(sin * self.sin_sign).expand(shape), ones * 0.0], dim=2)
+        heads = self.num_heads + 2 * self.num_kv_heads
+        cos = cos.repeat(1, 1, heads) * self.cos_keep + self.cos_fill
+        sin = sin.repeat(1, 1, heads) * self.sin_sign
         return cos, sin
 
     def _shared_layer(self, i, h, cos, sin, seqlens_k, total, past_k, past_v):
+        """One layer on [B, S, H] with flat [B, S, heads*D] q|k|v (no reshapes, no shape ops)."""
         layer = self.lm.layers[i]
         attn = layer.self_attn
-        bsz, seq = h.shape[0], h.shape[1]
-        heads = self.num_heads + 2 * self.num_kv_heads
-        qkv = self.qkv[i](layer.input_layernorm(h)).view(bsz, seq, heads, self.head_dim)
-        swapped = qkv.view(bsz, seq, heads, 2, self.head_dim // 2).flip(3).reshape(qkv.shape)
-        qkv = (qkv * cos + swapped * sin).reshape(bsz, seq, heads * self.head_dim)
+        qkv = self.qkv[i](layer.input_layernorm(h))  # [B, S, (heads+2*KV)*D]
+        qkv = qkv * cos + qkv.index_select(-1, self.partner) * sin
         q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                              self.num_kv_heads * self.head_dim], dim=-1)
         out, present_k, present_v = _GroupQueryAttention.apply(
@@ -200,8 +206,7 @@ class SharedKvDecoderStep(DecoderStep):
         return h, present_k, present_v
 
     def forward(self, inputs_embeds, position_ids, seqlens_k, total, *past):
-        bsz, seq = inputs_embeds.shape[0], inputs_embeds.shape[1]
-        cos, sin = self._rope(position_ids, bsz, seq)
+        cos, sin = self._rope(position_ids)
         h = inputs_embeds
         present = []
         for i in range(self.num_layers):

@@ -59,18 +59,39 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -
     return torch.matmul(probs, v)  # [n, heads, Lq, d]
 
 
+class _MultiHeadAttention(torch.autograd.Function):
+    """`com.microsoft::MultiHeadAttention` (ONNX Runtime contrib op, one fused kernel, no mask):
+    q [n, Lq, heads*d], k / v [n, Lk, heads*d] -> [n, Lq, heads*d]. The torch forward is the
+    reference used while tracing (`_attend`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, heads: int, scaling: float):
+        n, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+        dim = q.shape[2] // heads
+        qh, kh, vh = (t.reshape(n, t.shape[1], heads, dim).transpose(1, 2) for t in (q, k, v))
+        return _attend(qh, kh, vh, scaling).transpose(1, 2).reshape(n, lq, heads * dim)
+
+    @staticmethod
+    def symbolic(g, q, k, v, heads, scaling):
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads, scale_f=scaling)
+        out.setType(q.type())
+        return out
+
+
 def _segmented_attention(q, k, v, segments: _StaticSegments, heads: int, dim: int,
                          scaling: float) -> torch.Tensor:
-    """q, k, v [N, heads, dim] -> [N, heads, dim], attention only inside each segment."""
+    """q, k, v [N, heads, dim] -> [N, heads, dim], attention only inside each segment: one
+    MultiHeadAttention per group of equal-length segments (batch = segments) and query chunk."""
     outs = []
     for i, (length, starts) in enumerate(segments.groups):
         idx = segments.gather(i)
-        qg, kg, vg = (t.index_select(0, idx).reshape(len(starts), length, heads, dim).transpose(1, 2)
-                      for t in (q, k, v))  # [n_seg, heads, L, d]
+        qg, kg, vg = (t.index_select(0, idx).reshape(len(starts), length, heads * dim)
+                      for t in (q, k, v))  # [n_seg, L, heads*d]
         rows = max(1, SCORE_BUDGET_BYTES // (4 * len(starts) * heads * length))
-        chunks = [_attend(qg[:, :, r:r + rows], kg, vg, scaling) for r in range(0, length, rows)]
-        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
-        outs.append(out.transpose(1, 2).reshape(len(starts) * length, heads, dim))
+        chunks = [_MultiHeadAttention.apply(qg[:, r:r + rows], kg, vg, heads, scaling)
+                  for r in range(0, length, rows)]
+        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+        outs.append(out.reshape(len(starts) * length, heads, dim))
     merged = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
     return merged.index_select(0, segments.restore)
 
@@ -101,6 +122,13 @@ class StaticVisionTower(nn.Module):
         self.full_segments = _StaticSegments([0, n])
         self.full_blocks = set(int(i) for i in visual.fullatt_block_indexes)
         self.num_patches = n
+        # the patch embedding is a Conv3d whose kernel equals its stride over one flattened patch:
+        # the same dot products as ONE MatMul [N, C*T*P*P] x [C*T*P*P, hidden] (ORT's Conv3d is slow)
+        proj = visual.patch_embed.proj
+        weight = proj.weight.detach().float().reshape(proj.out_channels, -1)  # [hidden, C*T*P*P]
+        self.register_buffer("patch_weight_t", weight.t().contiguous(), persistent=False)
+        bias = None if proj.bias is None else proj.bias.detach().float()
+        self.register_buffer("patch_bias", bias, persistent=False)
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, segments: _StaticSegments) -> torch.Tensor:
         n = x.shape[0]
@@ -114,7 +142,9 @@ class StaticVisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         visual = self.visual
         unit = visual.spatial_merge_unit
-        h = visual.patch_embed(pixel_values)  # [N, hidden]
+        h = torch.matmul(pixel_values, self.patch_weight_t)  # [N, hidden] = visual.patch_embed
+        if self.patch_bias is not None:
+            h = h + self.patch_bias
         n, hidden = self.num_patches, h.shape[-1]
         h = h.reshape(n // unit, unit, hidden).index_select(0, self.window_index).reshape(n, hidden)
         for i, blk in enumerate(visual.blocks):
