@@ -23,11 +23,7 @@ def draw_overlay(image_rgb: np.ndarray, result: Any, alpha: float = 0.5) -> np.n
     """A copy of `image_rgb` [H, W, 3] uint8 with the mask tinted and region/box/points drawn;
     returned as BGR uint8 (ready for cv2.imwrite)."""
     canvas = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
-    mask = result.mask
-    if mask.any():
-        ys, xs = np.nonzero(mask)
-        tinted = canvas[ys, xs].astype(np.float32) * (1 - alpha) + MASK_BGR * alpha
-        canvas[ys, xs] = tinted.astype(np.uint8)
+    _tint(canvas, result.mask, alpha)
     thickness = max(2, round(max(canvas.shape[:2]) / 800))
     if result.region_xyxy is not None:
         x1, y1, x2, y2 = result.region_xyxy
@@ -38,6 +34,19 @@ def draw_overlay(image_rgb: np.ndarray, result: Any, alpha: float = 0.5) -> np.n
     for x, y in result.points_xy or ():
         cv2.circle(canvas, (int(x), int(y)), 3 * thickness, POINT_BGR, -1)
     return canvas
+
+
+def _tint(canvas: np.ndarray, mask: np.ndarray, alpha: float) -> None:
+    """Blend MASK_BGR into `canvas` [H, W, 3] uint8 where `mask` [H, W] bool is set, in place;
+    only the mask's bounding box is touched (`pixel * (1 - alpha) + colour * alpha` in float32,
+    truncated to uint8)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return
+    cols = np.flatnonzero(mask[rows[0]:rows[-1] + 1].any(axis=0))
+    window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    tinted = canvas[window].astype(np.float32) * (1 - alpha) + MASK_BGR * alpha
+    np.copyto(canvas[window], tinted.astype(np.uint8), where=mask[window][:, :, None])
 
 
 def write_outputs(out_dir: str | Path, image_rgb: np.ndarray, result: Any,
