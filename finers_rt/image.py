@@ -210,10 +210,35 @@ def _pil_to_rgb(img: Image.Image, where: str) -> np.ndarray:
 
 
 def _rgb_image_to_array(img: Image.Image, strip_bytes: int = 1 << 24) -> np.ndarray:
-    """RGB pillow image -> owned `[H, W, 3] uint8`, copied in ~16 MB row strips: peak memory is
-    pillow's image + the array (`np.asarray(img)` would add a full-size temporary bytes copy)."""
+    """RGB pillow image -> owned `[H, W, 3] uint8`: pillow's raw encoder packs the pixels in
+    chunks of ~`strip_bytes` straight into the array (what `tobytes` does, without the
+    full-size bytes object). Peak memory is pillow's image + the array + one chunk."""
     width, height = img.size
     out = np.empty((height, width, 3), dtype=np.uint8)
+    flat = out.reshape(-1)
+    try:
+        encoder = Image._getencoder("RGB", "raw", "RGB")  # the encoder `Image.tobytes` uses
+        encoder.setimage(img.im, (0, 0, width, height))
+    except (AttributeError, TypeError, ValueError):  # pillow changed its internals
+        return _rgb_image_to_array_by_strips(img, out, strip_bytes)
+    try:
+        position, bufsize = 0, max(strip_bytes, 4 * width)  # RawEncode needs a whole row
+        while True:
+            _, status, data = encoder.encode(bufsize)
+            flat[position:position + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            position += len(data)
+            if status:
+                break
+    finally:
+        encoder.cleanup()
+    if status < 0 or position != flat.size:
+        raise InputError(f"could not read the decoded pixels out of pillow (status {status})")
+    return out
+
+
+def _rgb_image_to_array_by_strips(img: Image.Image, out: np.ndarray, strip_bytes: int) -> np.ndarray:
+    """`_rgb_image_to_array` through public pillow calls only (crop + asarray per row strip)."""
+    width, height = img.size
     rows = max(1, strip_bytes // (3 * width))
     for top in range(0, height, rows):
         bottom = min(height, top + rows)

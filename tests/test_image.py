@@ -166,13 +166,15 @@ def test_check_min_size_says_the_size():
 
 
 def test_strip_copy_equals_pillow_pixels_and_is_writable(tmp_path):
-    from finers_rt.image import _rgb_image_to_array
+    from finers_rt.image import _rgb_image_to_array, _rgb_image_to_array_by_strips
 
     image = _gradient(37, 53)
     pil = Image.fromarray(image)
     for strip_bytes in (1, 500, 10_000, 1 << 24):  # 1 row, a few rows, whole image
         out = _rgb_image_to_array(pil, strip_bytes=strip_bytes)
         assert np.array_equal(out, image) and out.flags.writeable and out.flags.owndata
+        by_strips = _rgb_image_to_array_by_strips(pil, np.empty_like(image), strip_bytes)
+        assert np.array_equal(by_strips, image)
     path = tmp_path / "plain.png"
     pil.save(path)
     loaded = load_image(path)
