@@ -283,6 +283,7 @@ class ReferencePipeline:
         """PIL open + convert("RGB"), or the kept image when the file is the last one unchanged."""
         key = file_key(image_path)
         if self._last_frame is None or self._last_frame[0] != key:
+            self._last_frame = None  # free the old frame before decoding (as the runtime does)
             with Image.open(image_path) as img:
                 self._last_frame = (key, img.convert("RGB"))
         return self._last_frame[1]
