@@ -164,13 +164,15 @@ class SharedKvDecoderStep(DecoderStep):
         inv_freq = rotary.inv_freq.detach().float()
         self.register_buffer("inv_freq", torch.cat([inv_freq, inv_freq]), persistent=False)  # [D]
         self.attention_scaling = float(rotary.attention_scaling)
-        # columns of the fused q|k|v output: each one's rotate_half partner, and per-column factors
-        # that give cos / sin on q and k columns and (1, 0) on v columns (exact: x*1 + y*0 = x)
+        # per-column factors of the fused q|k|v output that give cos / sin on q and k columns and
+        # (1, 0) on v columns (exact: x*1 + y*0 = x)
         heads = self.num_heads + 2 * self.num_kv_heads
         col = torch.arange(heads * dim)
         within = col % dim
         rotated = col < (self.num_heads + self.num_kv_heads) * dim
-        self.register_buffer("partner", col - within + (within + half) % dim, persistent=False)
+        # rotate_half of every q and k head as ONE Split + ONE Concat (halves swapped; the v block
+        # passes through and gets sin 0): far cheaper in ORT than a Gather on the last axis
+        self.rotary_halves = [half] * (2 * (self.num_heads + self.num_kv_heads)) + [self.num_kv_heads * dim]
         self.register_buffer("cos_keep", rotated.float(), persistent=False)
         self.register_buffer("cos_fill", (~rotated).float(), persistent=False)
         sign = torch.where(within < half, -1.0, 1.0)  # rotate_half's sign, folded into sin
@@ -195,7 +197,9 @@ class SharedKvDecoderStep(DecoderStep):
         layer = self.lm.layers[i]
         attn = layer.self_attn
         qkv = self.qkv[i](layer.input_layernorm(h))  # [B, S, (heads+2*KV)*D]
-        qkv = qkv * cos + qkv.index_select(-1, self.partner) * sin
+        halves = qkv.split(self.rotary_halves, dim=-1)
+        swapped = torch.cat([halves[j ^ 1] for j in range(len(halves) - 1)] + [halves[-1]], dim=-1)
+        qkv = qkv * cos + swapped * sin
         q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                              self.num_kv_heads * self.head_dim], dim=-1)
         out, present_k, present_v = _GroupQueryAttention.apply(
