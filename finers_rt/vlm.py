@@ -26,6 +26,7 @@ import numpy as np
 
 from finers_rt.backends import create_backend
 from finers_rt.config import BackendOptions
+from finers_rt.decoding import DecodeLoop
 from finers_rt.errors import ArtifactError, EngineProfileError, InputError, ManifestError
 from finers_rt.image import ImageSource, VisionPreprocessConfig, load_image, preprocess_image, resize_for_stage
 from finers_rt.kvcache import KVBuffer, PrefixCache, PrefixEntry, image_digest
@@ -224,6 +225,25 @@ class VlmStage:
             logits.append(binding.logits if rows == batch else binding.logits.copy())
         return logits[0].copy() if len(logits) == 1 else np.concatenate(logits)
 
+    def decode_step(self, token_ids: np.ndarray, buffer: KVBuffer, rope_delta: int) -> np.ndarray:
+        """One decode step: `token_ids [B]` int64 appended at `buffer.length` (M-RoPE position
+        `length + rope_delta`). Returns `logits [B, V]`; for a "shared" decoder this is the binding's
+        own array, valid until the next step (the decode loop reads it before then)."""
+        past = buffer.length
+        if self.kv_cache != "shared":
+            position = sequential_positions(past, 1, rope_delta, buffer.batch)
+            return self.forward(self.embed(token_ids)[:, None], position, buffer)
+        binding = self._binding(buffer, 0, buffer.batch, 1)
+        np.take(self.embed_tokens, token_ids, axis=0, out=binding.embeds[:, 0])
+        binding.positions.fill(past + rope_delta)
+        binding.seqlens.fill(past)
+        binding.total.fill(past + 1)
+        buffer.claim(past, 1)
+        start = time.perf_counter()
+        binding.run()
+        self.decode_session_ms += (time.perf_counter() - start) * 1000.0
+        return binding.logits
+
     def _binding(self, buffer: KVBuffer, row: int, rows: int, seq: int):
         """The backend's persistent binding of rows `[row, row+rows)` of `buffer` for `seq` new tokens."""
         key = (row, rows, seq)
@@ -279,7 +299,7 @@ class VlmStage:
             logits = self.forward(np.ascontiguousarray(embeds), positions, buffer)
             prefill_ms = _ms(start)
             start = time.perf_counter()
-            decoder = _Decoder(self, buffer, prompt_ids, entry.rope_delta, stop_at, temperature, top_p, seed)
+            decoder = DecodeLoop(self, buffer, prompt_ids, entry.rope_delta, stop_at, temperature, top_p, seed)
             tokens, reasons = decoder.run(logits, max_new)
             decode_ms = _ms(start)
         total_ms = _ms(start_total)
@@ -306,79 +326,6 @@ class VlmStage:
         buffer.load_prefix([np.concatenate([p.entry.keys[i] for p in prefixes]) for i in pairs],
                            [np.concatenate([p.entry.values[i] for p in prefixes]) for i in pairs])
         return prefixes, buffer
-
-
-class _Decoder:
-    """The decode loop state: per-row ids seen so far (for the repetition penalty) and stop state."""
-
-    def __init__(self, stage: VlmStage, buffer: KVBuffer, prompt_ids: np.ndarray, rope_delta: int,
-                 stop_at: str | None, temperature: float, top_p: float, seed: int | None):
-        self.stage, self.buffer, self.rope_delta = stage, buffer, rope_delta
-        self.stop_at, self.temperature, self.top_p = stop_at, temperature, top_p
-        self.rng = np.random.default_rng(seed)
-        self.penalty = float(stage.manifest.generation.repetition_penalty)
-        self.eos = set(int(t) for t in stage.manifest.special_tokens.eos_token_ids)
-        pad = stage.manifest.special_tokens.pad_token_id
-        self.pad_id = int(pad if pad is not None else next(iter(self.eos)))
-        unique_prompt = set(int(t) for t in np.unique(prompt_ids))
-        self.seen = [set(unique_prompt) for _ in range(buffer.batch)]  # ids in the prompt + generated
-        self.seen_ids = [np.fromiter(sorted(unique_prompt), dtype=np.int64) for _ in range(buffer.batch)]
-
-    def run(self, logits: np.ndarray, max_new: int) -> tuple[list[list[int]], list[str]]:
-        batch = self.buffer.batch
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        reasons = ["max_new_tokens"] * batch
-        active = np.ones(batch, dtype=bool)
-        for step in range(max_new):
-            next_ids = self.pick(logits)  # [B]
-            next_ids[~active] = self.pad_id
-            for row in np.flatnonzero(active):
-                token = int(next_ids[row])
-                tokens[row].append(token)
-                if token not in self.seen[row]:
-                    self.seen[row].add(token)
-                    self.seen_ids[row] = np.append(self.seen_ids[row], token)
-                reason = self.stop_reason(token, tokens[row])
-                if reason:
-                    reasons[row], active[row] = reason, False
-            if not active.any() or step == max_new - 1:
-                break
-            position = sequential_positions(self.buffer.length, 1, self.rope_delta, batch)
-            logits = self.stage.forward(self.stage.embed(next_ids)[:, None], position, self.buffer)
-        return tokens, reasons
-
-    def stop_reason(self, token: int, row_tokens: list[int]) -> str:
-        if token in self.eos:
-            return "eos"
-        if self.stop_at:
-            window = row_tokens[-(len(self.stop_at) + 8):]
-            if self.stop_at in self.stage.tokenizer.decode(window, skip_special_tokens=False):
-                return "stop_string"
-        return ""
-
-    def pick(self, logits: np.ndarray) -> np.ndarray:
-        """Repetition penalty (HF RepetitionPenaltyLogitsProcessor) then argmax or top-p sampling."""
-        logits = np.asarray(logits, dtype=np.float32)  # [B, V], owned: the backend made it for this step
-        if self.penalty != 1.0:
-            penalty = np.float32(self.penalty)
-            for row, ids in enumerate(self.seen_ids):  # gather / scatter over the seen ids only
-                scores = logits[row, ids]
-                logits[row, ids] = np.where(scores < 0, scores * penalty, scores / penalty)
-        if self.temperature <= 0.0:
-            return np.argmax(logits, axis=-1).astype(np.int64)
-        return np.array([_sample_top_p(row / self.temperature, self.top_p, self.rng) for row in logits],
-                        dtype=np.int64)
-
-
-def _sample_top_p(logits: np.ndarray, top_p: float, rng: np.random.Generator) -> int:
-    """Sample from softmax(logits) restricted to the smallest set with cumulative prob >= top_p."""
-    probs = np.exp(logits.astype(np.float64) - logits.max())
-    probs /= probs.sum()
-    order = np.argsort(-probs, kind="stable")
-    cumulative = np.cumsum(probs[order])
-    keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]
-    kept = probs[keep] / probs[keep].sum()
-    return int(keep[rng.choice(keep.size, p=kept)])
 
 
 def causal_mask(batch: int, seq: int, past: int) -> np.ndarray:
