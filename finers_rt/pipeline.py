@@ -159,8 +159,11 @@ class Pipeline:
 
     def run(self, image: Any, instruction: str, question_type: str = "referring",
             options: str | None = None, max_new_tokens: int | None = None) -> Result:
-        """Answer `instruction` on `image` (a path or an HxWx3 uint8 RGB array). The last decoded
-        file is kept: asking about the same unchanged file again does not decode it again."""
+        """Answer `instruction` on `image`: a path, an HxWx3 uint8 RGB array, or a
+        `finers_rt.image.Frame`. The last decoded file is kept: asking about the same unchanged
+        file again does not decode it again. For K questions about one in-memory camera frame,
+        wrap it once (`frame = open_frame(rgb)`) and pass the Frame: its stage resize is then
+        computed once too (an array is re-wrapped, and re-resized, on every call)."""
         check_instruction(instruction, question_type, options)
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -213,10 +216,13 @@ class Pipeline:
     def _open(self, image: Any) -> Frame:
         """The decoded frame of `image`: arrays are wrapped; a file is decoded unless it is the
         same unchanged file (`file_key`) as the last call's."""
+        if isinstance(image, Frame):
+            return image
         if isinstance(image, np.ndarray):
             return open_frame(image)
         if not isinstance(image, (str, os.PathLike)):
-            raise InputError(f"image must be a file path or an HxWx3 uint8 array, got {type(image).__name__}")
+            raise InputError("image must be a file path, an HxWx3 uint8 array or a Frame, got "
+                             f"{type(image).__name__}")
         key = file_key(image)
         with self._locks["frame"]:
             if self._last_frame is not None and self._last_frame[0] == key:

@@ -246,3 +246,17 @@ def test_same_file_is_decoded_once_and_again_when_it_changes(tmp_path, monkeypat
     pipe.run(str(path), "the red pen")
     assert len(decoded) == 3
     assert pipe.gse.calls[0]["shape"] == (1080, 1920, 3)  # GSE gets the frame at its stage size
+
+
+def test_a_wrapped_camera_frame_is_resized_once_and_bad_sources_are_input_errors():
+    from finers_rt.image import open_frame
+
+    camera = np.full((1100, 2000, 3), 40, np.uint8)
+    frame = open_frame(camera)
+    pipe = make_pipe([GSE_OK], [LPR_OK])
+    first = pipe.run(frame, "the red pen")
+    second = pipe.run(frame, "the blue cup")
+    assert first.timings_ms["gse_vision_ms"] > 1.0 and second.timings_ms["gse_vision_ms"] == 1.0
+    assert np.array_equal(first.mask, pipe.run(camera, "the red pen").mask)
+    with pytest.raises(InputError, match="file path, an HxWx3 uint8 array or a Frame"):
+        pipe.run(12, "the red pen")
