@@ -92,7 +92,7 @@ def _open_with_pillow(path: Path) -> Image.Image:
         return img
 
 
-def open_frame(source: ImageSource) -> "Frame":
+def open_frame(source: ImageSource) -> Frame:
     """Decode an image file (or wrap an array) for reading: `load_image`'s checks and pixels,
     but an RGB file stays in pillow (no full-size copy into numpy; see `Frame`)."""
     if isinstance(source, np.ndarray):
