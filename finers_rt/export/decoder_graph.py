@@ -146,6 +146,11 @@ class SharedKvDecoderStep(DecoderStep):
     holds exactly the cached positions and `present` is past + new (used by validation).
     Per layer: RMSNorm, ONE QKV MatMul, rotary on q and k (cos/sin of v's heads are 1/0, exact),
     GroupQueryAttention, o_proj, RMSNorm, ONE gate/up MatMul, SiLU, down_proj.
+
+    Extra K/V pairs (a subclass raising `num_kv_pairs`): the runtime binds `present_*_i` to the same
+    memory as `past_*_i` for EVERY pair, so each extra present pair must also be produced by a
+    GroupQueryAttention node (the only op here that writes into the bound buffer in place);
+    otherwise export that model with kv_cache "concat".
     """
 
     def __init__(self, model: nn.Module):
