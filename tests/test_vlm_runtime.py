@@ -315,6 +315,25 @@ def test_kv_pairs_come_from_decoder_graph_inputs(stages):
         decoder_kv_pairs(replace(manifest, graphs={**manifest.graphs, "decoder": replace(decoder, inputs=gap)}))
 
 
+def test_shared_kv_stage_needs_a_backend_with_in_place_binding(stages):
+    from finers_rt.vlm import VlmStage
+
+    _, stage_dir = stages["gqa3"]
+    stage = VlmStage.load(stage_dir)
+    assert stage.kv_cache == "shared" and stage._buffer_for(2, 8).keys[0].shape[2] == 8  # [B, KV, max_len, D]
+
+    class RunOnly:  # a backend with only `run` (e.g. TensorRT)
+        input_specs = stage.decoder.input_specs
+
+        def run(self, feeds, output_names=None):
+            raise AssertionError("not reached")
+
+    with pytest.raises(EngineProfileError, match="kv-cache concat"):
+        VlmStage(stage.folder, stage.manifest, stage.vision, RunOnly(), stage.embed_tokens, stage.tokenizer)
+    concat = VlmStage.load(stages["mrope-concat"][1])
+    assert concat.kv_cache == "concat" and concat._buffer_for(1, 8).keys[0].shape[1] == 8  # [B, max_len, KV, D]
+
+
 def test_load_checks_manifest_against_files_and_sessions(stages, tmp_path):
     import shutil
 
