@@ -54,7 +54,11 @@ class RuntimeSide:
             self.timers[role] = stage.decoder
 
     def _session_ms(self) -> float:
-        return sum(t.decode_ms for t in self.timers.values())
+        """Decoder session time of decode steps so far: `decoder.run` calls (timed by the wrapper)
+        + the steps a "shared" K/V stage runs through its IO binding (`VlmStage.decode_session_ms`)."""
+        wrapped = sum(t.decode_ms for t in self.timers.values())
+        bound = sum(float(getattr(getattr(self.pipe, role), "decode_session_ms", 0.0)) for role in self.timers)
+        return wrapped + bound
 
     def query(self, path: Path, question: str) -> dict[str, Any]:
         session_before = self._session_ms()

@@ -197,3 +197,26 @@ def test_reference_keeps_the_last_decoded_frame(tmp_path):
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10_000_000))
     again = ref._open(path)
     assert again is not first and np.asarray(again)[0, 0, 0] == 9
+
+
+def test_session_time_counts_wrapped_runs_and_bound_shared_kv_steps():
+    """Python overhead = decode - session: session must include steps that bypass decoder.run."""
+    from types import SimpleNamespace
+
+    from finers_rt.bench_run import RuntimeSide
+
+    class Decoder:
+        def run(self, feeds, output_names=None):
+            return {"logits": np.zeros((1, 4), np.float32)}
+
+    pipe = SimpleNamespace(config=SimpleNamespace(max_new_tokens=8),
+                           gse=SimpleNamespace(decoder=Decoder(), decode_session_ms=0.0),
+                           lpr=SimpleNamespace(decoder=Decoder()))  # an older stage: no counter
+    side = RuntimeSide(pipe, None)
+    assert side._session_ms() == 0.0
+    pipe.lpr.decoder.run({"inputs_embeds": np.zeros((1, 1, 4), np.float32)})  # a decode step
+    pipe.lpr.decoder.run({"inputs_embeds": np.zeros((1, 7, 4), np.float32)})  # a prefill: not counted
+    assert side.timers["lpr"].decode_calls == 1
+    wrapped = side.timers["lpr"].decode_ms
+    pipe.gse.decode_session_ms = 5.0  # steps run through the shared-KV binding
+    assert side._session_ms() == pytest.approx(wrapped + 5.0)
