@@ -21,6 +21,7 @@ class DecodeLoop:
         unique_prompt = set(int(t) for t in np.unique(prompt_ids))
         self.seen = [set(unique_prompt) for _ in range(buffer.batch)]  # ids in the prompt + generated
         self.seen_ids = [np.fromiter(sorted(unique_prompt), dtype=np.int64) for _ in range(buffer.batch)]
+        self._ends_stop: dict[int, bool] = {}  # token id -> its text holds stop_at's last character
 
     def run(self, logits: np.ndarray, max_new: int) -> tuple[list[list[int]], list[str]]:
         """Pick a token per row from `logits [B, V]`, stop rows on eos / stop string, and call the
@@ -53,11 +54,23 @@ class DecodeLoop:
     def stop_reason(self, token: int, row_tokens: list[int]) -> str:
         if token in self.eos:
             return "eos"
-        if self.stop_at:
+        if self.stop_at and self._may_end_stop(token):
             window = row_tokens[-(len(self.stop_at) + 8):]
             if self.stop_at in self.stage.tokenizer.decode(window, skip_special_tokens=False):
                 return "stop_string"
         return ""
+
+    def _may_end_stop(self, token: int) -> bool:
+        """False when `token` cannot complete the stop string: its text lacks the stop string's last
+        character. Only for an ASCII last character (a byte-level token then holds that byte whole);
+        otherwise always True. Per token id, decoded once."""
+        last = self.stop_at[-1]
+        if not last.isascii():
+            return True
+        hit = self._ends_stop.get(token)
+        if hit is None:
+            hit = self._ends_stop[token] = last in self.stage.tokenizer.decode([token], skip_special_tokens=False)
+        return hit
 
     def pick(self, logits: np.ndarray) -> np.ndarray:
         """Repetition penalty (HF RepetitionPenaltyLogitsProcessor) then argmax or top-p sampling."""
@@ -68,7 +81,7 @@ class DecodeLoop:
                 scores = logits[row, ids]
                 logits[row, ids] = np.where(scores < 0, scores * penalty, scores / penalty)
         if self.temperature <= 0.0:
-            return np.argmax(logits, axis=-1).astype(np.int64)
+            return np.argmax(logits, axis=-1).astype(np.int64, copy=False)
         return np.array([sample_top_p(row / self.temperature, self.top_p, self.rng) for row in logits],
                         dtype=np.int64)
 
