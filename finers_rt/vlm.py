@@ -11,6 +11,11 @@ One `VlmStage` is one exported Qwen2.5-VL stage folder (docs/bundle-format.md). 
 
 The prefix and the question are always prefilled as two chunks, so results are bit-identical
 with the prefix cache on or off.
+
+Decoder contracts (manifest `kv_cache`, docs/bundle-format.md): "shared" stages keep a head-major
+buffer that the graph reads and writes in place through persistent ORT IO bindings (one per
+(rows, seq) shape; a decode step only writes the token's embedding row, position and lengths into
+the binding's arrays); "concat" stages (format-1 bundles) feed buffer views and copy the new K/V.
 """
 
 from __future__ import annotations
