@@ -188,6 +188,7 @@ def test_refuses_non_empty_out_dir_and_force_replaces(tmp_path, tiny_vlm_dir):
     (dict(role="gsee"), "did you mean 'gse'"),
     (dict(role="lpr", quantize="int3"), "unknown quantization"),
     (dict(role="generic", image_size_wh=(20, 500)), ">= 28"),
+    (dict(role="lpr", kv_cache="shard"), "did you mean 'shared'"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(InputError, match=match):
