@@ -334,6 +334,44 @@ def test_shared_kv_stage_needs_a_backend_with_in_place_binding(stages):
     assert concat.kv_cache == "concat" and concat._buffer_for(1, 8).keys[0].shape[1] == 8  # [B, max_len, KV, D]
 
 
+def test_decoder_with_an_extra_kv_pair_exports_and_generates(make_vlm_checkpoint, tmp_path, monkeypatch):
+    """A model that caches one more K/V pair (same per-pair shape, written in place by its own
+    GroupQueryAttention) exports, validates and decodes like the stock model."""
+    from finers_rt.export import decoder_graph
+    from finers_rt.export import vlm as vlm_export
+    from finers_rt.vlm import VlmStage
+
+    class ExtraPair(decoder_graph.SharedKvDecoderStep):
+        def __init__(self, model):
+            super().__init__(model)
+            self.num_kv_pairs = self.num_layers + 1
+
+        def forward(self, inputs_embeds, position_ids, seqlens_k, total, *past):
+            cos, sin = self._rope(position_ids)
+            h, present = inputs_embeds, []
+            for i in range(self.num_layers):
+                h, k, v = self._shared_layer(i, h, cos, sin, seqlens_k, total, past[2 * i], past[2 * i + 1])
+                present += [k, v]
+            extra = h[..., : self.num_kv_heads * self.head_dim]  # cache the last hidden states' first features
+            _, k, v = decoder_graph._GroupQueryAttention.apply(
+                h, extra, extra, past[-2], past[-1], seqlens_k, total, self.num_heads, self.num_kv_heads, 1.0)
+            return (self._head(h), *present, k, v)
+
+    real = vlm_export.export_decoder
+    monkeypatch.setattr(vlm_export, "export_decoder",
+                        lambda model, path, opset, kv_cache: real(model, path, opset, step=ExtraPair(model)))
+    hf_dir = make_vlm_checkpoint("tiny-gqa3", 0)
+    stage_dir = _export(hf_dir, tmp_path / "extra", (140, 112))
+    stage = VlmStage.load(stage_dir)
+    layers = stage.manifest.text.num_hidden_layers
+    assert stage.num_kv_pairs == layers + 1 and stage.manifest.validation["greedy_tokens_equal"]
+    image = _image(0)
+    result = stage.generate(image, QUESTION, max_new_tokens=12)
+    assert result.token_ids == _hf_generate(hf_dir, stage.manifest.image.stage_size_wh, image, QUESTION, 12)[0]
+    filled = stage._buffer.length
+    assert np.abs(stage._buffer.keys[layers][0, :, :filled]).max() > 0  # the extra pair was written in place
+
+
 def test_load_checks_manifest_against_files_and_sessions(stages, tmp_path):
     import shutil
 
