@@ -418,16 +418,16 @@ def infer_cmd(
     """Find the target in IMAGE, answer the question, write the mask and an overlay."""
     import json as _json
 
-    from finers_rt.image import load_image
+    from finers_rt.image import open_frame
     from finers_rt.pipeline import Pipeline
 
     import time as _time
 
     started = _time.perf_counter()
-    pixels = load_image(image)  # decoded once here (bad files fail fast); the overlay needs it too
+    frame = open_frame(image)  # decoded once here (bad files fail fast); the overlay reads it too
     load_ms = (_time.perf_counter() - started) * 1000.0
     pipe = Pipeline.load(model, _backend_options(threads, device, backend), max_extra_crops=max_extra_crops)
-    result = pipe.run(pixels, instruction, question_type=qtype, options=options,
+    result = pipe.run(frame, instruction, question_type=qtype, options=options,
                       max_new_tokens=max_new_tokens)
     result.timings_ms["load_ms"] += load_ms
     result.timings_ms["total_ms"] += load_ms
@@ -435,7 +435,7 @@ def infer_cmd(
     if out is not None:
         from finers_rt.overlay import write_outputs
 
-        summary["files"] = write_outputs(out, pixels, result, overwrite=force)
+        summary["files"] = write_outputs(out, frame.to_array(), result, overwrite=force)
     if as_json:
         typer.echo(_json.dumps(summary))
         return

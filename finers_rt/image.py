@@ -82,7 +82,10 @@ def _open_with_pillow(path: Path) -> Image.Image:
     """Decoded pillow image of `path`, EXIF orientation applied; the file is closed on return."""
     with warnings.catch_warnings(), open(path, "rb") as handle:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(handle)
+        try:
+            img = Image.open(handle)
+        except UnidentifiedImageError:
+            raise UnidentifiedImageError(f"cannot identify image file '{path}'") from None
         try:
             img.load()
         except (OSError, SyntaxError, ValueError) as exc:
