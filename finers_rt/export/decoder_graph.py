@@ -165,9 +165,8 @@ class SharedKvDecoderStep(DecoderStep):
         dim, half = self.head_dim, self.head_dim // 2
         section = torch.cat([torch.full((n,), axis, dtype=torch.long)
                              for axis, n in enumerate(self.mrope_section)])  # [D/2] axis of each freq
-        self.register_buffer("section_axis", torch.cat([section, section]), persistent=False)  # [D]
-        inv_freq = rotary.inv_freq.detach().float()
-        self.register_buffer("inv_freq", torch.cat([inv_freq, inv_freq]), persistent=False)  # [D]
+        self.register_buffer("section_axis", section, persistent=False)  # [D/2]
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)  # [D/2]
         self.attention_scaling = float(rotary.attention_scaling)
         # per-column factors of the fused q|k|v output that give cos / sin on q and k columns and
         # (1, 0) on v columns (exact: x*1 + y*0 = x)
@@ -187,14 +186,14 @@ class SharedKvDecoderStep(DecoderStep):
         """cos, sin [B, S, (heads+2*KV)*D] over the fused q|k|v columns: M-RoPE on q and k heads,
         (1, 0) on v heads; sin carries rotate_half's sign. Same values as HF's rotary_emb +
         apply_multimodal_rotary_pos_emb (elementwise, same products)."""
-        pos = position_ids.float().index_select(0, self.section_axis)  # [D, B, S]
-        freqs = pos.permute(1, 2, 0) * self.inv_freq  # [B, S, D] = HF's cat(freqs, freqs)
-        cos, sin = freqs.cos(), freqs.sin()
+        pos = position_ids.float().index_select(0, self.section_axis)  # [D/2, B, S]
+        freqs = pos.permute(1, 2, 0) * self.inv_freq  # [B, S, D/2]; HF's emb = cat(freqs, freqs)
+        cos, sin = freqs.cos(), freqs.sin()  # cos / sin of each half of each head, computed once
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        heads = self.num_heads + 2 * self.num_kv_heads
-        cos = cos.repeat(1, 1, heads) * self.cos_keep + self.cos_fill
-        sin = sin.repeat(1, 1, heads) * self.sin_sign
+        halves = 2 * (self.num_heads + 2 * self.num_kv_heads)
+        cos = cos.repeat(1, 1, halves) * self.cos_keep + self.cos_fill
+        sin = sin.repeat(1, 1, halves) * self.sin_sign
         return cos, sin
 
     def _shared_layer(self, i, h, cos, sin, seqlens_k, total, past_k, past_v):
