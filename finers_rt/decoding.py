@@ -1,5 +1,5 @@
 """The decode loop of a VLM stage: greedy or top-p token choice with HF's repetition penalty,
-stop on eos ids or a stop string, one `VlmStage.decode_step` per token (numpy only)."""
+stop on eos ids or a stop string, one `VlmStage.decode_stepper` call per token (numpy only)."""
 
 from __future__ import annotations
 
@@ -24,14 +24,15 @@ class DecodeLoop:
         self._ends_stop: dict[int, bool] = {}  # token id -> its text holds stop_at's last character
 
     def run(self, logits: np.ndarray, max_new: int) -> tuple[list[list[int]], list[str]]:
-        """Pick a token per row from `logits [B, V]`, stop rows on eos / stop string, and call the
-        stage's `decode_step` until every row stopped or `max_new` tokens. Stopped rows are fed
+        """Pick a token per row from `logits [B, V]`, stop rows on eos / stop string, and run one
+        decode step (the stage's `decode_stepper`) until every row stopped or `max_new` tokens. Stopped rows are fed
         the pad id (their outputs are ignored)."""
         batch = self.buffer.batch
         tokens: list[list[int]] = [[] for _ in range(batch)]
         reasons = ["max_new_tokens"] * batch
         active = [True] * batch
         penalised = self.penalty != 1.0
+        advance = self.stage.decode_stepper(self.buffer, self.rope_delta)
         for step in range(max_new):
             next_ids = self.pick(logits)  # [B] int64
             for row, token in enumerate(next_ids.tolist()):
@@ -48,7 +49,7 @@ class DecodeLoop:
                     reasons[row], active[row] = reason, False
             if step == max_new - 1 or not any(active):
                 break
-            logits = self.stage.decode_step(next_ids, self.buffer, self.rope_delta)
+            logits = advance(next_ids)
         return tokens, reasons
 
     def stop_reason(self, token: int, row_tokens: list[int]) -> str:

@@ -234,20 +234,32 @@ class VlmStage:
         """One decode step: `token_ids [B]` int64 appended at `buffer.length` (M-RoPE position
         `length + rope_delta`). Returns `logits [B, V]`; for a "shared" decoder this is the binding's
         own array, valid until the next step (the decode loop reads it before then)."""
-        past = buffer.length
+        return self.decode_stepper(buffer, rope_delta)(token_ids)
+
+    def decode_stepper(self, buffer: KVBuffer, rope_delta: int):
+        """`decode_step` bound to one buffer: a function `token_ids [B] -> logits [B, V]`. For a
+        "shared" decoder everything per step is prepared once (the decode loop calls it per token)."""
         if self.kv_cache != "shared":
-            position = sequential_positions(past, 1, rope_delta, buffer.batch)
-            return self.forward(self.embed(token_ids)[:, None], position, buffer)
+            def step_concat(token_ids: np.ndarray) -> np.ndarray:
+                position = sequential_positions(buffer.length, 1, rope_delta, buffer.batch)
+                return self.forward(self.embed(token_ids)[:, None], position, buffer)
+            return step_concat
         binding = self._binding(buffer, 0, buffer.batch, 1)
-        np.take(self.embed_tokens, token_ids, axis=0, out=binding.embeds[:, 0])
-        binding.positions.fill(past + rope_delta)
-        binding.seqlens.fill(past)
-        binding.total.fill(past + 1)
-        buffer.claim(past, 1)
-        start = time.perf_counter()
-        binding.run()
-        self.decode_session_ms += (time.perf_counter() - start) * 1000.0
-        return binding.logits
+        table, embeds, run, clock = self.embed_tokens, binding.embeds[:, 0], binding.run, time.perf_counter
+        positions, seqlens, total, logits = binding.positions, binding.seqlens, binding.total, binding.logits
+
+        def step_shared(token_ids: np.ndarray) -> np.ndarray:
+            past = buffer.length
+            buffer.claim(past, 1)  # checks the range
+            np.take(table, token_ids, axis=0, out=embeds)
+            positions.fill(past + rope_delta)
+            seqlens.fill(past)
+            total.fill(past + 1)
+            start = clock()
+            run()
+            self.decode_session_ms += (clock() - start) * 1000.0
+            return logits
+        return step_shared
 
     def _binding(self, buffer: KVBuffer, row: int, rows: int, seq: int):
         """The backend's persistent binding of rows `[row, row+rows)` of `buffer` for `seq` new tokens."""
