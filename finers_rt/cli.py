@@ -418,7 +418,7 @@ def infer_cmd(
     """Find the target in IMAGE, answer the question, write the mask and an overlay."""
     import json as _json
 
-    from finers_rt.image import open_frame
+    from finers_rt.frame import open_frame
     from finers_rt.pipeline import Pipeline
 
     import time as _time

@@ -27,7 +27,8 @@ import numpy as np
 from finers_rt import geometry
 from finers_rt.config import BackendOptions, PipelineConfig
 from finers_rt.errors import ArtifactError, InputError, ManifestError
-from finers_rt.image import Frame, check_min_size, file_key, open_frame
+from finers_rt.frame import Frame, file_key, open_frame
+from finers_rt.image import check_min_size
 from finers_rt.manifest import BundleManifest
 from finers_rt.parsing import ParsedOutput, parse_output, says_not_found
 from finers_rt.prompts import build_gse_prompt, build_lpr_prompt, check_instruction

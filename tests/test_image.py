@@ -197,7 +197,7 @@ def _jpeg_with_exif(tmp_path, image, orientation=None):
 
 @pytest.mark.parametrize("orientation", [None, 3, 6, 8])
 def test_frame_pixels_crops_and_resizes_equal_load_image(tmp_path, orientation):
-    from finers_rt.image import Frame, open_frame
+    from finers_rt.frame import Frame, open_frame
 
     path = _jpeg_with_exif(tmp_path, _gradient(90, 130), orientation)
     reference = load_image(path)
@@ -218,7 +218,7 @@ def test_frame_pixels_crops_and_resizes_equal_load_image(tmp_path, orientation):
 
 
 def test_frame_of_other_modes_and_bad_files(tmp_path):
-    from finers_rt.image import open_frame
+    from finers_rt.frame import open_frame
 
     gray = tmp_path / "gray.png"
     Image.fromarray(_gradient(30, 50)[:, :, 0]).save(gray)
@@ -236,7 +236,7 @@ def test_frame_of_other_modes_and_bad_files(tmp_path):
 def test_file_key_changes_with_the_file(tmp_path):
     import os
 
-    from finers_rt.image import file_key
+    from finers_rt.frame import file_key
 
     path = tmp_path / "a.png"
     Image.fromarray(_gradient(20, 20)).save(path)

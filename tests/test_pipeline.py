@@ -249,7 +249,7 @@ def test_same_file_is_decoded_once_and_again_when_it_changes(tmp_path, monkeypat
 
 
 def test_a_wrapped_camera_frame_is_resized_once_and_bad_sources_are_input_errors():
-    from finers_rt.image import open_frame
+    from finers_rt.frame import open_frame
 
     camera = np.full((1100, 2000, 3), 40, np.uint8)
     frame = open_frame(camera)

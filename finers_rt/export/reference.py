@@ -35,7 +35,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from finers_rt import geometry
 from finers_rt.config import PipelineConfig
 from finers_rt.errors import ArtifactError, InputError, suggest
-from finers_rt.image import file_key
+from finers_rt.frame import file_key
 from finers_rt.manifest import BundleManifest, SamManifest, VlmStageManifest
 from finers_rt.parsing import parse_output
 from finers_rt.prompts import build_gse_prompt, build_lpr_prompt
