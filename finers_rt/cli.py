@@ -164,8 +164,8 @@ def export_vlm_cmd(
     quantize: str = typer.Option("none", "--quantize", help="Decoder weights: none, int8 or int4."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR."),
     kv_cache: str = typer.Option("shared", "--kv-cache", help="Decoder K/V contract: shared (fused "
-                                 "GroupQueryAttention, in-place buffer; ONNX Runtime) or concat (plain ops, "
-                                 "e.g. for TensorRT)."),
+                                 "GroupQueryAttention, in-place buffer; fused vision attention; ONNX Runtime) or "
+                                 "concat (plain ONNX ops in both graphs, e.g. for TensorRT)."),
 ) -> None:
     """Export a Qwen2.5-VL stage to ONNX, validated against the HF model before writing."""
     try:
@@ -200,6 +200,8 @@ def export_bundle_cmd(
     quantize: str = typer.Option("none", "--quantize", help="Decoder weights: none, int8 or int4."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
+    kv_cache: str = typer.Option("shared", "--kv-cache", help="VLM graphs: shared (ONNX Runtime fused "
+                                 "attention, in-place K/V buffer) or concat (plain ONNX ops, e.g. for TensorRT)."),
 ) -> None:
     """Export GSE, LPR and SAM into one validated bundle (BUNDLE/{manifest.json, gse, lpr, sam})."""
     try:
@@ -213,7 +215,8 @@ def export_bundle_cmd(
         gse, lpr, sam, out, sam_type=sam_type, sam_config=sam_config, name=name,
         gse_size_wh=parse_size_wh(gse_size) if gse_size else None,
         lpr_size_wh=parse_size_wh(lpr_size) if lpr_size else None,
-        quantize=quantize, opset=opset, force=force, log=lambda m: typer.echo(m, err=True))
+        quantize=quantize, opset=opset, force=force, log=lambda m: typer.echo(m, err=True),
+        kv_cache=kv_cache)
     typer.echo(f"bundle '{manifest.name}' -> {out}")
 
 

@@ -322,6 +322,12 @@ def plan_engine_builds(path: str | os.PathLike, limits: ProfileLimits | None = N
     limits = limits or ProfileLimits()
     plans, existing = [], []
     for label, folder, manifest, pipeline_new in _stage_folders(Path(path)):
+        if isinstance(manifest, VlmStageManifest) and manifest.kv_cache != "concat":
+            raise ManifestError(
+                f"{folder}: stage '{label}' was exported with kv_cache '{manifest.kv_cache}' (ONNX Runtime "
+                "contrib ops: GroupQueryAttention, MultiHeadAttention), which TensorRT cannot build; "
+                "re-export the bundle for TensorRT with `finers-rt export bundle ... --kv-cache concat` "
+                "(plain ONNX ops)")
         stage_limits = limits
         if limits.max_new_tokens is None and isinstance(manifest, VlmStageManifest):
             stage_limits = replace(limits, max_new_tokens=max(manifest.generation.max_new_tokens, pipeline_new))

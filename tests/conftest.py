@@ -50,10 +50,7 @@ SAM_TINY = {"encoder_embed_dim": 64, "encoder_depth": 2, "encoder_num_heads": 2,
             "mask_in_chans": 8}
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory, make_vlm_checkpoint) -> Path:
-    """A bundle of two `tiny` random VLM stages (GSE 448x252, LPR 224x224) and a tiny SAM
-    (image_size 256), exported and validated through `export_bundle`."""
+def _export_tiny_bundle(tmp_path_factory, make_vlm_checkpoint, kv_cache: str) -> Path:
     import json
 
     from finers_rt.export.bundle import export_bundle
@@ -65,8 +62,21 @@ def tiny_bundle(tmp_path_factory, make_vlm_checkpoint) -> Path:
                                           resolve_sam_config("vit_b", root / "sam.json"), seed=0)
     export_bundle(make_vlm_checkpoint("tiny", 0), make_vlm_checkpoint("tiny", 1), sam_ckpt,
                   root / "bundle", sam_config=root / "sam.json", gse_size_wh=(448, 252),
-                  lpr_size_wh=(224, 224))
+                  lpr_size_wh=(224, 224), kv_cache=kv_cache)
     return root / "bundle"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, make_vlm_checkpoint) -> Path:
+    """A bundle of two `tiny` random VLM stages (GSE 448x252, LPR 224x224) and a tiny SAM
+    (image_size 256), exported and validated through `export_bundle` (default contract)."""
+    return _export_tiny_bundle(tmp_path_factory, make_vlm_checkpoint, "shared")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_portable(tmp_path_factory, make_vlm_checkpoint) -> Path:
+    """`tiny_bundle` exported with `kv_cache="concat"` (plain ONNX ops: what TensorRT builds)."""
+    return _export_tiny_bundle(tmp_path_factory, make_vlm_checkpoint, "concat")
 
 
 @pytest.fixture(scope="session")

@@ -88,6 +88,10 @@ def test_export_parity_across_shapes(tmp_path, make_vlm_checkpoint, spec, size_w
     assert manifest.kv_cache == kv_cache
     ops = {n.op_type for n in onnx.load(str(tmp_path / "stage" / "decoder.onnx")).graph.node}
     assert ("GroupQueryAttention" in ops) == (kv_cache == "shared")
+    # "concat" is the portable contract: plain ONNX ops only, in both graphs (TensorRT)
+    for graph in ("decoder", "vision"):
+        domains = {n.domain for n in onnx.load(str(tmp_path / "stage" / f"{graph}.onnx")).graph.node}
+        assert ("com.microsoft" in domains) == (kv_cache == "shared"), (graph, domains)
     text = manifest.text
     assert (text.num_attention_heads, text.num_key_value_heads) == (SPECS[spec].text_heads,
                                                                     SPECS[spec].text_kv_heads)

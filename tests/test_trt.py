@@ -293,6 +293,14 @@ def test_plan_for_a_bundle(tmp_path):
     assert len(plan_engine_builds(bundle / "sam")) == 2  # a single stage folder works too
 
 
+def test_plan_refuses_a_stage_with_onnx_runtime_contrib_ops(tmp_path):
+    bundle = write_bundle(tmp_path / "b")
+    data = json.loads((bundle / "lpr" / "manifest.json").read_text())
+    (bundle / "lpr" / "manifest.json").write_text(json.dumps({**data, "kv_cache": "shared"}))
+    with pytest.raises(ManifestError, match=r"stage 'lpr'.*--kv-cache concat"):
+        plan_engine_builds(bundle)
+
+
 def test_plan_refuses_to_overwrite_and_needs_graphs(tmp_path):
     bundle = write_bundle(tmp_path / "b")
     (bundle / "lpr" / "decoder.engine").write_bytes(b"an older engine")
@@ -412,11 +420,11 @@ def _decoder_feeds(spec_inputs, batch, seq, past, rng):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_engines_match_onnxruntime(tiny_bundle, tmp_path):
+def test_gpu_engines_match_onnxruntime(tiny_bundle_portable, tmp_path):
     from finers_rt.backends import create_backend
     from finers_rt.trt import build_engines
 
-    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    bundle = Path(shutil.copytree(tiny_bundle_portable, tmp_path / "bundle"))
     built = build_engines(bundle, limits=ProfileLimits(max_prompt_tokens=64, max_new_tokens=16), log=lambda m: None)
     assert len(built) == 6 and all(m.device == GPU for m in built)
     with pytest.raises(ArtifactError, match="already exist"):
@@ -448,11 +456,11 @@ def test_gpu_engines_match_onnxruntime(tiny_bundle, tmp_path):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_engine_from_another_graph_is_refused(tiny_bundle, tmp_path):
+def test_gpu_engine_from_another_graph_is_refused(tiny_bundle_portable, tmp_path):
     from finers_rt.backends import create_backend
     from finers_rt.trt import build_engines
 
-    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    bundle = Path(shutil.copytree(tiny_bundle_portable, tmp_path / "bundle"))
     build_engines(bundle / "sam", log=lambda m: None)
     manifest_path = bundle / "sam" / "manifest.json"
     data = json.loads(manifest_path.read_text())

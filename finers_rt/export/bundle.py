@@ -22,12 +22,13 @@ def export_bundle(gse_dir: str | Path, lpr_dir: str | Path, sam_checkpoint: str 
                   name: str | None = None, gse_size_wh: tuple[int, int] | None = None,
                   lpr_size_wh: tuple[int, int] | None = None, quantize: str = "none",
                   opset: int = 18, force: bool = False,
-                  log: Callable[[str], None] | None = None) -> BundleManifest:
+                  log: Callable[[str], None] | None = None, kv_cache: str = "shared") -> BundleManifest:
     """Export both VLM stages and SAM into `out_dir`; return the bundle manifest.
 
     gse_size_wh / lpr_size_wh default to FineRS's 1920x1080 / 512x512. Raises InputError for a
     non-empty `out_dir` without `force`, and whatever a stage exporter raises (nothing is left
-    behind then).
+    behind then). `kv_cache` picks the VLM graphs' contract (docs/bundle-format.md): "shared"
+    (ONNX Runtime contrib ops, fastest) or "concat" (plain ONNX ops, for TensorRT).
     """
     from finers_rt.export.sam import export_sam
     from finers_rt.export.vlm import VlmExportOptions, export_vlm
@@ -42,7 +43,8 @@ def export_bundle(gse_dir: str | Path, lpr_dir: str | Path, sam_checkpoint: str 
         for role, hf_dir, size in (("gse", gse_dir, gse_wh), ("lpr", lpr_dir, lpr_wh)):
             log(f"exporting {role} from {hf_dir} at {size[0]}x{size[1]}")
             export_vlm(hf_dir, work / role, VlmExportOptions(role=role, image_size_wh=size,
-                                                             opset=opset, quantize=quantize))
+                                                             opset=opset, quantize=quantize,
+                                                             kv_cache=kv_cache))
         log(f"exporting sam ({sam_type}) from {sam_checkpoint}")
         export_sam(sam_checkpoint, work / "sam", model_type=sam_type, config_path=sam_config)
         manifest = BundleManifest.from_dict({
@@ -52,7 +54,7 @@ def export_bundle(gse_dir: str | Path, lpr_dir: str | Path, sam_checkpoint: str 
             "pipeline": pipeline.to_dict(),
             "source": {"gse": str(Path(gse_dir).resolve()), "lpr": str(Path(lpr_dir).resolve()),
                        "sam": str(Path(sam_checkpoint).resolve()), "sam_type": sam_type,
-                       "quantize": quantize}})
+                       "quantize": quantize, "kv_cache": kv_cache}})
         manifest.save(work)
     log(f"wrote bundle {out}")
     return manifest

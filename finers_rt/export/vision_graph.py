@@ -78,18 +78,25 @@ class _MultiHeadAttention(torch.autograd.Function):
         return out
 
 
+def _plain_attention(q, k, v, heads: int, scaling: float) -> torch.Tensor:
+    """`_MultiHeadAttention`'s maths in plain ONNX ops (MatMul, Softmax): for runtimes without
+    ONNX Runtime's contrib ops (TensorRT)."""
+    return _MultiHeadAttention.forward(None, q, k, v, heads, scaling)
+
+
 def _segmented_attention(q, k, v, segments: _StaticSegments, heads: int, dim: int,
-                         scaling: float) -> torch.Tensor:
+                         scaling: float, fused: bool = True) -> torch.Tensor:
     """q, k, v [N, heads, dim] -> [N, heads, dim], attention only inside each segment: one
-    MultiHeadAttention per group of equal-length segments (batch = segments) and query chunk."""
+    attention per group of equal-length segments (batch = segments) and query chunk, as
+    `com.microsoft::MultiHeadAttention` when `fused`, else in plain ONNX ops."""
     outs = []
     for i, (length, starts) in enumerate(segments.groups):
         idx = segments.gather(i)
         qg, kg, vg = (t.index_select(0, idx).reshape(len(starts), length, heads * dim)
                       for t in (q, k, v))  # [n_seg, L, heads*d]
         rows = max(1, SCORE_BUDGET_BYTES // (4 * len(starts) * heads * length))
-        chunks = [_MultiHeadAttention.apply(qg[:, r:r + rows], kg, vg, heads, scaling)
-                  for r in range(0, length, rows)]
+        attend = _MultiHeadAttention.apply if fused else _plain_attention
+        chunks = [attend(qg[:, r:r + rows], kg, vg, heads, scaling) for r in range(0, length, rows)]
         out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
         outs.append(out.reshape(len(starts) * length, heads, dim))
     merged = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
@@ -100,11 +107,13 @@ class StaticVisionTower(nn.Module):
     """HF `Qwen2_5_VisionTransformerPretrainedModel` specialised to one `grid_thw` (shares weights).
 
     forward(pixel_values [num_patches, C*T*P*P] float32) -> image_embeds [num_patches/4, out_hidden].
+    `fused_attention=False` writes attention in plain ONNX ops (portable, e.g. TensorRT).
     """
 
-    def __init__(self, visual: nn.Module, grid_thw: tuple[int, int, int]):
+    def __init__(self, visual: nn.Module, grid_thw: tuple[int, int, int], fused_attention: bool = True):
         super().__init__()
         self.visual = visual
+        self.fused_attention = bool(fused_attention)
         grid = torch.tensor([list(grid_thw)], dtype=torch.long)
         unit = visual.spatial_merge_unit
         with torch.no_grad():
@@ -136,7 +145,8 @@ class StaticVisionTower(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]  # [N, heads, hd]
         q = q * self.cos + _rotate_half(q) * self.sin
         k = k * self.cos + _rotate_half(k) * self.sin
-        out = _segmented_attention(q, k, v, segments, attn.num_heads, attn.head_dim, attn.scaling)
+        out = _segmented_attention(q, k, v, segments, attn.num_heads, attn.head_dim, attn.scaling,
+                                   self.fused_attention)
         return attn.proj(out.reshape(n, -1))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -160,9 +170,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def export_vision(visual: nn.Module, grid_thw: tuple[int, int, int], path: str, opset: int) -> None:
-    """Trace `StaticVisionTower(visual, grid_thw)` to ONNX at `path` (external data if > 2 GB)."""
-    tower = StaticVisionTower(visual, grid_thw).eval()
+def export_vision(visual: nn.Module, grid_thw: tuple[int, int, int], path: str, opset: int,
+                  fused_attention: bool = True) -> None:
+    """Trace `StaticVisionTower(visual, grid_thw, fused_attention)` to ONNX at `path` (external
+    data if > 2 GB)."""
+    tower = StaticVisionTower(visual, grid_thw, fused_attention).eval()
     t, gh, gw = grid_thw
     patch_dim = visual.patch_embed.in_channels * visual.patch_embed.temporal_patch_size \
         * visual.patch_embed.patch_size ** 2

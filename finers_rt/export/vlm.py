@@ -178,8 +178,11 @@ def _special_tokens(model) -> SpecialTokens:
 
 
 def write_graphs(model, work: Path, grid: tuple[int, int, int], opset: int, kv_cache: str = "shared") -> None:
-    """Export `vision.onnx` and `decoder.onnx` (+ `.data` when large) into `work`."""
-    export_vision(model.model.visual, grid, str(work / "vision.onnx"), opset)
+    """Export `vision.onnx` and `decoder.onnx` (+ `.data` when large) into `work`. With
+    `kv_cache="shared"` both graphs use ONNX Runtime's fused contrib ops (GroupQueryAttention,
+    MultiHeadAttention); with `"concat"` both are plain ONNX ops (portable, e.g. TensorRT)."""
+    export_vision(model.model.visual, grid, str(work / "vision.onnx"), opset,
+                  fused_attention=kv_cache == "shared")
     consolidate_external_data(work / "vision.onnx")
     export_decoder(model, str(work / "decoder.onnx"), opset, kv_cache=kv_cache)
     consolidate_external_data(work / "decoder.onnx")
