@@ -317,6 +317,8 @@ def _sft_command(stage: str):
         coord_sigma: float = typer.Option(1.5, "--coord-sigma", help="Soft coordinate target width in coordinate steps (0 = one-hot)."),
         pointer_weight: float = typer.Option(1.0, "--pointer-weight", help="Weight of the training-only pointer loss (0 = off)."),
         curriculum_steps: int = typer.Option(0, "--curriculum-steps", help="Steps over which small targets are phased in."),
+        model_class: str = typer.Option("stock", "--model-class", help="stock (HF Qwen2.5-VL) or pointer (in-model pointer logits; added to a stock --init)."),
+        axis_weight: float = typer.Option(1.0, "--axis-weight", help="Weight of the dense pointer-axis loss (pointer models only)."),
         save_every: int = typer.Option(100, "--save-every", help="Checkpoint every N steps."),
         eval_every: int = typer.Option(0, "--eval-every", help="Greedy held-out eval every N steps (needs --eval-cache)."),
         eval_cache: str = typer.Option(None, "--eval-cache", help="Held-out cache folder."),
@@ -329,6 +331,7 @@ def _sft_command(stage: str):
                             batch_size=batch_size, lr=lr, min_lr=lr / 10, warmup=warmup,
                             coord_sigma=coord_sigma, pointer_weight=pointer_weight,
                             curriculum_steps=curriculum_steps, save_every=save_every,
+                            model_class=model_class, axis_weight=axis_weight,
                             eval_every=eval_every, eval_cache=eval_cache,
                             eval_samples=eval_samples, seed=seed, threads=threads)
         result = sft.train_sft(cfg, log=typer.echo)

@@ -84,10 +84,10 @@ def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
 def write_release_copy(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Copy an HF checkpoint with its weights stored as float16 (half the bytes; loaders that
     ask for float32, like the exporter, upcast exactly). Processor files are copied as-is."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from finers_rt.export.pointer import load_vlm
 
     src, out = Path(hf_dir), Path(out_dir)
     if not (src / "config.json").is_file():
         raise ArtifactError(f"{src} is not a Hugging Face checkpoint folder (no config.json)")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src), dtype=torch.float16)
+    model = load_vlm(src, dtype=torch.float16)
     return save_hf(model, src, out)

@@ -28,6 +28,9 @@ from finers_rt.train.batch import Batch, Collator, PointerHead, token_losses
 from finers_rt.train.data import SampleCache, format_gse_answer, format_lpr_answer, gse_prompt, lpr_prompt
 
 STAGES = ("gse", "lpr")
+# "stock": HF Qwen2.5-VL; "pointer": FinersPointerQwen2_5_VL (finers_rt.export.pointer)
+MODEL_CLASSES = ("stock", "pointer")
+COORDS_PER_ANSWER = {"gse": 4, "lpr": 8}  # bbox x1 y1 x2 y2 (+ points_1, points_2 for LPR)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class SftConfig:
     coord_weight: float = 2.0
     coord_sigma: float = 1.5
     pointer_weight: float = 1.0
+    model_class: str = "stock"
+    axis_weight: float = 1.0
     curriculum_steps: int = 0
     curriculum_start: float = 0.03
     save_every: int = 100
@@ -64,6 +69,8 @@ class SftConfig:
         for name in ("steps", "batch_size", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.model_class not in MODEL_CLASSES:
+            raise InputError(f"model class must be one of {MODEL_CLASSES}, got '{self.model_class}'")
         if self.lr <= 0 or self.min_lr < 0:
             raise InputError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
 
@@ -120,8 +127,8 @@ def setup_distributed() -> tuple[int, int]:
 def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0):
     """(model, processor, source folder of the processor files, resumed state or None)."""
     from finers_rt.export.checkpoints import load_processor
+    from finers_rt.export.pointer import add_pointer, has_pointer, load_vlm
     from finers_rt.train.model import MODEL_CONFIGS, make_initial_checkpoint
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     state_path = run_dir / "trainer_state.pt"
     state = ckpt.load_state(state_path) if state_path.is_file() else None
@@ -138,8 +145,14 @@ def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0):
         if not (src / "config.json").is_file():
             raise InputError(f"--init must be a model config {sorted(MODEL_CONFIGS)} or an HF "
                              f"folder, got '{cfg.init}'")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(src), dtype=torch.float32, attn_implementation="sdpa")
+    if state is None and cfg.model_class == "pointer" and not has_pointer(src):
+        stock, src = src, run_dir / "init_pointer"
+        if rank == 0 and not (src / "config.json").is_file():
+            torch.manual_seed(cfg.seed)
+            add_pointer(stock, src)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    model = load_vlm(src, dtype=torch.float32, attn_implementation="sdpa")
     return model, load_processor(src), src, state
 
 
@@ -197,7 +210,9 @@ def _train_step(train_model, pointer, opt, params, batch: Batch, collator: Colla
     out = train_model(**batch.model_inputs(), output_hidden_states=True)
     text_loss, coord_loss = token_losses(out.logits, batch.labels, collator, cfg.coord_sigma)
     point_loss = pointer(out.hidden_states[-1], batch) if cfg.pointer_weight > 0 else text_loss * 0
-    loss = text_loss + cfg.coord_weight * coord_loss + cfg.pointer_weight * point_loss
+    axis_loss = _axis_loss(train_model, batch, cfg) if cfg.axis_weight > 0 else text_loss * 0
+    loss = (text_loss + cfg.coord_weight * coord_loss + cfg.pointer_weight * point_loss
+            + cfg.axis_weight * axis_loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if world > 1:  # the pointer head is outside DDP: average its gradients by hand
@@ -208,7 +223,30 @@ def _train_step(train_model, pointer, opt, params, batch: Batch, collator: Colla
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     return {"loss": loss.item(), "text": text_loss.item(), "coord": coord_loss.item(),
-            "pointer": point_loss.item()}
+            "pointer": point_loss.item(), "axis": axis_loss.item()}
+
+
+def _axis_loss(train_model, batch: Batch, cfg: SftConfig) -> torch.Tensor:
+    """Dense pointer supervision (pointer models only): at each answer coordinate (x, y
+    alternate: bbox then points), -log of the in-model pointer's column (x) or row (y) mass on
+    the target value's cells. 0 for stock models."""
+    model = train_model.module if hasattr(train_model, "module") else train_model
+    head = getattr(model, "pointer", None)
+    probs = getattr(head, "last_axis_probs", None)  # [B, 2, S, C]
+    if probs is None:
+        return torch.zeros(())
+    targets = batch.labels[:, 1:]
+    mask = head.coord_mask[targets.clamp(min=0)] > 0
+    mask &= targets >= 0
+    order = torch.cumsum(mask.long(), dim=1) - 1  # k-th coordinate of the sample
+    mask &= order < COORDS_PER_ANSWER[cfg.stage]
+    if not mask.any():
+        return probs.sum() * 0
+    b_idx, s_idx = mask.nonzero(as_tuple=True)
+    axis = order[b_idx, s_idx] % 2
+    weights = head.cell_map[:, targets[b_idx, s_idx]].T  # [n, C]
+    mass = (probs[b_idx, axis, s_idx] * weights).sum(-1)
+    return -torch.log(mass + head.eps).mean()
 
 
 def _log_progress(cfg: SftConfig, run_dir: Path, step: int, losses: dict[str, float],
@@ -222,7 +260,7 @@ def _log_progress(cfg: SftConfig, run_dir: Path, step: int, losses: dict[str, fl
            "steps_per_s": round(rate, 3), "elapsed_s": round(time.time() - t0, 1)}
     ckpt.append_log(run_dir, rec)
     log(f"[{cfg.stage}] step {step}/{cfg.steps} loss {rec['loss']:.3f} (ema {loss_ema:.3f}, "
-        f"coord {rec['coord']:.3f}, pointer {rec['pointer']:.3f}) "
+        f"coord {rec['coord']:.3f}, pointer {rec['pointer']:.3f}, axis {rec['axis']:.3f}) "
         f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
 
 

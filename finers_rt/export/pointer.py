@@ -1,0 +1,253 @@
+"""FinersPointerQwen2_5_VL: Qwen2.5-VL whose coordinate-token logits get a pointer term.
+
+Why: Qwen2.5-VL carries position only in rotary encodings, which shape attention scores but
+never reach the values an answer token reads, so a small LM that knows WHICH image token holds
+the target still cannot say WHERE it is as a number. The pointer reads positions directly.
+
+How (the same rule in HF and in the exported decoder graph, see `pointer_kv`/`pointer_logits`):
+- every token i (prefill and decode) gets pointer keys k_i = W_k(final normed hidden_i), two
+  heads (x, y), and a pointer value holding its grid cell taken ONLY from the M-RoPE position ids
+  (t, h, w): col = w - t, row = h - t (text tokens have t = h = w, so they sit in cell (0, 0);
+  their learned keys keep them out of the way). Keys/values are cached as ONE extra K/V pair
+  with the LM layers' per-pair shape: key heads 0/1 = x/y keys, value[..., 0:2] = (col, row).
+- at every position t, queries q_x, q_y = W_q(h_t) attend causally over the cached pointer keys;
+  p_col[c] = attention mass on tokens of column c (p_row likewise);
+- logits = lm_head(h_t), and for every coordinate token v:
+  logit_v += g_x(h_t) * log(p_col . W[v] + eps) + g_y(h_t) * log(p_row . W[v] + eps),
+  where W[v] spreads value v over the two nearest cell centres (cell = patch * merge pixels of
+  the stage image) and g = softplus gates (the model learns which axis the next token is).
+The output is still ordinary vocabulary logits, so the runtime decodes FineRS text unchanged.
+The HF config carries a `finers_pointer` dict; stock checkpoints (no dict) load the stock class.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.cache_utils import DynamicLayer
+
+from finers_rt.errors import ArtifactError
+
+POINTER_KEY = "finers_pointer"
+POINTER_EPS = 1e-6
+
+
+def pointer_settings(coord_ids_values: dict[int, int], cell_px: int, max_value: int) -> dict[str, Any]:
+    """The `finers_pointer` config dict for a tokenizer's coordinate tokens {id: value}."""
+    ids = sorted(coord_ids_values)
+    return {"version": 1, "coord_token_ids": ids,
+            "coord_values": [int(coord_ids_values[i]) for i in ids],
+            "cell_px": int(cell_px), "num_cells": int(max_value) // int(cell_px) + 1,
+            "eps": POINTER_EPS}
+
+
+def cell_weights(settings: dict[str, Any], vocab_size: int) -> torch.Tensor:
+    """[C, V] float32: column v spreads coordinate value v linearly over the two nearest cell
+    centres (cell c covers [c * cell, (c + 1) * cell) px); zero columns for other tokens."""
+    cell, cells = float(settings["cell_px"]), int(settings["num_cells"])
+    out = torch.zeros(cells, vocab_size, dtype=torch.float32)
+    for tid, value in zip(settings["coord_token_ids"], settings["coord_values"]):
+        pos = (value - cell / 2) / cell
+        lo = int(pos // 1)
+        frac = pos - lo
+        if lo < 0:
+            out[0, tid] = 1.0
+        elif lo >= cells - 1:
+            out[cells - 1, tid] = 1.0
+        else:
+            out[lo, tid] = 1.0 - frac
+            out[lo + 1, tid] = frac
+    return out
+
+
+def coordinate_mask(settings: dict[str, Any], vocab_size: int) -> torch.Tensor:
+    """[V] float32: 1 for coordinate tokens, 0 elsewhere."""
+    mask = torch.zeros(vocab_size, dtype=torch.float32)
+    mask[torch.tensor(settings["coord_token_ids"], dtype=torch.long)] = 1.0
+    return mask
+
+
+class PointerHead(nn.Module):
+    """The pointer's weights and constant maps (built from the settings, not saved)."""
+
+    def __init__(self, hidden: int, num_kv_heads: int, head_dim: int, vocab_size: int,
+                 settings: dict[str, Any]):
+        super().__init__()
+        if num_kv_heads < 2:
+            raise ArtifactError("the pointer needs at least 2 K/V heads (x and y keys)")
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.eps = float(settings.get("eps", POINTER_EPS))
+        self.key = nn.Linear(hidden, 2 * head_dim)
+        self.query = nn.Linear(hidden, 2 * head_dim)
+        self.gate = nn.Linear(hidden, 2)
+        self.register_buffer("cell_map", cell_weights(settings, vocab_size), persistent=False)
+        self.register_buffer("coord_mask", coordinate_mask(settings, vocab_size), persistent=False)
+        self.register_buffer("cells", torch.arange(int(settings["num_cells"]), dtype=torch.float32),
+                             persistent=False)
+
+
+def pointer_cells(position_ids: torch.Tensor) -> torch.Tensor:
+    """position_ids [3, B, S] (t, h, w) -> [B, S, 2] float (col = w - t, row = h - t)."""
+    pos = position_ids.to(torch.float32)
+    return torch.stack([pos[2] - pos[0], pos[1] - pos[0]], dim=-1)
+
+
+def pointer_kv(head: PointerHead, hidden: torch.Tensor, position_ids: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key, value) of new tokens, each [B, S, KV, D] (sequence-major, the graph's layout):
+    key heads 0/1 = x/y pointer keys (other heads 0), value[..., 0:2] = (col, row)."""
+    bsz, seq = hidden.shape[0], hidden.shape[1]
+    keys = head.key(hidden).view(bsz, seq, 2, head.head_dim)
+    pad = head.num_kv_heads - 2
+    if pad:
+        keys = torch.cat([keys, keys.new_zeros(bsz, seq, pad, head.head_dim)], dim=2)
+    cells = pointer_cells(position_ids)  # [B, S, 2]
+    value = torch.cat([cells, cells.new_zeros(bsz, seq, head.head_dim - 2)], dim=-1)
+    value = value[:, :, None, :].expand(bsz, seq, head.num_kv_heads, head.head_dim)
+    return keys, value.contiguous()
+
+
+def pointer_logits(head: PointerHead, hidden: torch.Tensor, base_logits: torch.Tensor,
+                   keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, H] (final normed), base_logits [B, S, V], keys/values [B, T, KV, D] (all
+    cached + new pointer K/V), mask additive [B, 1, S, T] -> logits [B, S, V]."""
+    bsz, seq = hidden.shape[0], hidden.shape[1]
+    q = head.query(hidden).view(bsz, seq, 2, head.head_dim).transpose(1, 2)  # [B, 2, S, D]
+    k = keys[:, :, 0:2, :].transpose(1, 2)  # [B, 2, T, D]
+    scores = torch.matmul(q, k.transpose(2, 3)) * head.head_dim ** -0.5 + mask  # [B, 2, S, T]
+    probs = torch.softmax(scores, dim=-1)
+    cells = torch.stack([values[:, :, 0, 0], values[:, :, 0, 1]], dim=1)  # [B, 2, T]
+    onehot = (cells[..., None] == head.cells).to(probs.dtype)  # [B, 2, T, C]
+    p_axis = torch.matmul(probs, onehot)  # [B, 2, S, C]
+    if head.training:
+        head.last_axis_probs = p_axis  # for the training-only dense axis loss
+    logp = torch.log(torch.matmul(p_axis, head.cell_map) + head.eps)  # [B, 2, S, V]
+    gates = F.softplus(head.gate(hidden)).permute(2, 0, 1)[..., None]  # [2, B, S, 1]
+    bonus = (gates[0] * logp[:, 0] + gates[1] * logp[:, 1]) * head.coord_mask
+    return base_logits + bonus
+
+
+def causal_additive_mask(attention_mask: torch.Tensor | None, bsz: int, seq: int, total: int,
+                         dtype: torch.dtype, device) -> torch.Tensor:
+    """[B, 1, S, T] additive mask: new token s (at total - seq + s) sees keys <= itself that the
+    2-D padding mask [B, T] (1 = real token) keeps."""
+    q_pos = torch.arange(total - seq, total, device=device)[:, None]
+    allowed = torch.arange(total, device=device)[None, :] <= q_pos  # [S, T]
+    allowed = allowed[None, None].expand(bsz, 1, seq, total)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        allowed = allowed & attention_mask[:, None, None, -total:].bool()
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
+
+
+class FinersPointerQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL + the in-model pointer; its pointer K/V live in the HF cache at layer index
+    num_hidden_layers, so `generate` works unchanged."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        settings = getattr(config, POINTER_KEY, None)
+        if not settings:
+            raise ArtifactError(f"a pointer checkpoint needs '{POINTER_KEY}' in its config")
+        text = config.text_config
+        self.pointer = PointerHead(text.hidden_size, text.num_key_value_heads,
+                                   text.hidden_size // text.num_attention_heads,
+                                   text.vocab_size, settings)
+        self.post_init()
+
+    def _position_ids(self, input_ids, attention_mask, image_grid_thw, past_key_values,
+                      cache_position, seq: int, bsz: int) -> torch.Tensor:
+        """[3, B, S] M-RoPE positions, the way Qwen2_5_VLModel computes them when not given."""
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past == 0 or self.model.rope_deltas is None:
+            pos, deltas = self.model.get_rope_index(input_ids, image_grid_thw, None,
+                                                    attention_mask=attention_mask)
+            self.model.rope_deltas = deltas
+            return pos
+        start = cache_position[0] if cache_position is not None else past
+        pos = torch.arange(seq, device=self.model.rope_deltas.device).view(1, 1, -1).expand(3, bsz, -1)
+        return pos + (start + self.model.rope_deltas).view(1, -1, 1)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, pixel_values=None,
+                image_grid_thw=None, cache_position=None, logits_to_keep=0, **kwargs):
+        kwargs.pop("return_dict", None)
+        seq_src = input_ids if input_ids is not None else inputs_embeds
+        bsz, seq = seq_src.shape[0], seq_src.shape[1]
+        if position_ids is None:
+            position_ids = self._position_ids(input_ids, attention_mask, image_grid_thw,
+                                              past_key_values, cache_position, seq, bsz)
+        mrope = position_ids[1:] if position_ids.shape[0] == 4 else position_ids
+        out = self.model(input_ids=input_ids, pixel_values=pixel_values,
+                         image_grid_thw=image_grid_thw, position_ids=position_ids,
+                         attention_mask=attention_mask, past_key_values=past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True,
+                         cache_position=cache_position, **kwargs)
+        hidden = out.last_hidden_state
+        keys, values = pointer_kv(self.pointer, hidden, mrope)
+        cache = out.past_key_values
+        if cache is not None and (use_cache is None or use_cache):
+            layer = self.config.text_config.num_hidden_layers
+            while len(cache.layers) <= layer:
+                cache.layers.append(DynamicLayer())
+            k_all, v_all = cache.update(keys.transpose(1, 2), values.transpose(1, 2), layer)
+            keys, values = k_all.transpose(1, 2), v_all.transpose(1, 2)
+        total = keys.shape[1]
+        mask = causal_additive_mask(attention_mask, bsz, seq, total, hidden.dtype, hidden.device)
+        logits = pointer_logits(self.pointer, hidden, self.lm_head(hidden), keys, values, mask)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLCausalLMOutputWithPast
+
+        return Qwen2_5_VLCausalLMOutputWithPast(
+            logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+            attentions=out.attentions, rope_deltas=out.rope_deltas)
+
+
+def has_pointer(hf_dir: str | Path) -> bool:
+    """Whether the HF folder's config.json carries the pointer settings."""
+    path = Path(hf_dir) / "config.json"
+    try:
+        return bool(json.loads(path.read_text()).get(POINTER_KEY))
+    except (OSError, ValueError):
+        return False
+
+
+def model_class_for(hf_dir: str | Path):
+    """FinersPointerQwen2_5_VL for pointer checkpoints, the stock HF class otherwise."""
+    return FinersPointerQwen2_5_VL if has_pointer(hf_dir) else Qwen2_5_VLForConditionalGeneration
+
+
+def load_vlm(hf_dir: str | Path, **kwargs):
+    """`from_pretrained` with the class the folder's config asks for."""
+    return model_class_for(hf_dir).from_pretrained(str(hf_dir), **kwargs)
+
+
+def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = None) -> Path:
+    """Write `src_dir` (a stock finers-tiny-style checkpoint with coordinate tokens) as a pointer
+    checkpoint at `out_dir`: same weights, fresh pointer weights, `finers_pointer` config."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from finers_rt.train.checkpoint import copy_processor_files
+    from finers_rt.train.model import COORD_MAX, coordinate_token_map
+
+    src, out = Path(src_dir), Path(out_dir)
+    config = AutoConfig.from_pretrained(str(src))
+    coords = coordinate_token_map(AutoTokenizer.from_pretrained(str(src)))
+    if not coords:
+        raise ArtifactError(f"{src} has no coordinate tokens; the pointer needs them")
+    if cell_px is None:
+        vision = config.vision_config
+        cell_px = vision.patch_size * vision.spatial_merge_size
+    setattr(config, POINTER_KEY, pointer_settings(coords, cell_px, COORD_MAX))
+    model = FinersPointerQwen2_5_VL.from_pretrained(str(src), config=config, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    copy_processor_files(src, out)
+    return out
