@@ -325,6 +325,9 @@ def _sft_command(stage: str):
         eval_samples: int = typer.Option(24, "--eval-samples", help="Held-out samples per eval."),
         seed: int = typer.Option(0, "--seed", help="Seed of init, sampling and torch."),
         threads: int = typer.Option(1, "--threads", help="torch threads per process."),
+        device: str = typer.Option("cpu", "--device", help="torch device (cpu, cuda, cuda:1)."),
+        workers: int = typer.Option(0, "--workers", help="DataLoader processes drawing batches (0 = in-process, bit-exact resume)."),
+        time_limit: float = typer.Option(0.0, "--time-limit", help="Save and stop after this many seconds (0 = no limit)."),
     ) -> None:
         sft = _train_module("sft", f"finers-rt train {stage}")
         cfg = sft.SftConfig(stage=stage, cache_dir=cache, out_dir=out, init=init, steps=steps,
@@ -333,7 +336,8 @@ def _sft_command(stage: str):
                             curriculum_steps=curriculum_steps, save_every=save_every,
                             model_class=model_class, axis_weight=axis_weight,
                             eval_every=eval_every, eval_cache=eval_cache,
-                            eval_samples=eval_samples, seed=seed, threads=threads)
+                            eval_samples=eval_samples, seed=seed, threads=threads,
+                            device=device, workers=workers, time_limit_s=time_limit)
         result = sft.train_sft(cfg, log=typer.echo)
         typer.echo(f"{stage}: step {result['step']}, loss {result['loss']:.3f} -> "
                    f"{result['checkpoint']} ({result['seconds']:.0f} s)")

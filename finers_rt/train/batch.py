@@ -116,6 +116,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, collator: Collator,
     targets = labels[:, 1:]
     valid = targets != IGNORE
     lookup = collator.coord_lookup.to(targets.device)
+    coord_ids = collator.coord_ids.to(logits.device)
     coord_slot = torch.where(valid, lookup[targets.clamp(min=0)], torch.full_like(targets, -1))
     is_coord = coord_slot >= 0
     text_mask = valid & ~is_coord
@@ -123,11 +124,11 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, collator: Collator,
                  if text_mask.any() else logits.sum() * 0)
     if not is_coord.any():
         return text_loss, logits.sum() * 0
-    logp = F.log_softmax(logits[is_coord], dim=-1)[:, collator.coord_ids]  # [n, C]
+    logp = F.log_softmax(logits[is_coord], dim=-1)[:, coord_ids]  # [n, C]
     if coord_sigma <= 0:
         coord_loss = -logp.gather(1, coord_slot[is_coord][:, None]).mean()
     else:
-        values = collator.coord_values
+        values = collator.coord_values.to(logits.device)
         true_v = values[coord_slot[is_coord]]  # [n]
         dist = (values[None, :] - true_v[:, None]) / (COORD_STEP * coord_sigma)
         soft = torch.softmax(-0.5 * dist ** 2, dim=-1)
@@ -156,5 +157,5 @@ class PointerHead(torch.nn.Module):
             keys = self.key(hidden[i, start:start + count])  # [N, d]
             query = self.query(hidden[i, int(batch.answer_pos[i])])  # [d]
             scores = keys @ query / keys.shape[-1] ** 0.5  # [N]
-            losses.append(F.cross_entropy(scores[None], torch.tensor([target])))
+            losses.append(F.cross_entropy(scores[None], torch.tensor([target], device=scores.device)))
         return torch.stack(losses).mean() if losses else hidden.sum() * 0

@@ -38,7 +38,7 @@ def generate_texts(model, collator: Collator, image: np.ndarray, text: str,
     """Generate `num_samples` answers (greedy when temperature is 0).
 
     Returns (texts, sequences [n, prompt + new] int64 (prompt included), prompt length)."""
-    inputs = prompt_inputs(collator, image, text)
+    inputs = {k: v.to(model.device) for k, v in prompt_inputs(collator, image, text).items()}
     end_ids = [collator.end_id, collator.pad_id]
     kwargs: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
@@ -47,6 +47,7 @@ def generate_texts(model, collator: Collator, image: np.ndarray, text: str,
     seqs = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=end_ids,
                           pad_token_id=collator.pad_id, repetition_penalty=1.0, **kwargs)
     n_prompt = inputs["input_ids"].shape[1]
+    seqs = seqs.cpu()
     texts = collator.tokenizer.batch_decode(seqs[:, n_prompt:], skip_special_tokens=True)
     return texts, seqs, n_prompt
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,6 +62,9 @@ class SftConfig:
     eval_samples: int = 24
     seed: int = 0
     threads: int = 1
+    device: str = "cpu"
+    workers: int = 0
+    time_limit_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -116,6 +119,48 @@ def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
     return collator(images, texts, targets, pointers)
 
 
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless batches for DataLoader workers; worker w draws with SeedSequence([seed, rank,
+    start step, w]) and follows the curriculum from its own count (approximate step)."""
+
+    def __init__(self, cache_dir: str, cfg: SftConfig, collator: Collator, start: int, rank: int):
+        super().__init__()
+        self.cache_dir, self.cfg, self.collator, self.start, self.rank = cache_dir, cfg, collator, start, rank
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info else (0, 1)
+        torch.set_num_threads(1)
+        cache = SampleCache(self.cache_dir)
+        rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, self.rank, self.start, wid]))
+        k = 0
+        while True:
+            yield sample_batch(cache, self.cfg, self.collator, rng, self.start + k * n + wid)
+            k += 1
+
+
+def batch_stream(cache: SampleCache, cfg: SftConfig, collator: Collator, rng, start: int,
+                 rank: int):
+    """Training batches: drawn in-process from `rng` (workers 0: bit-exact resume), or by
+    `cfg.workers` DataLoader processes (for a GPU; a resumed run draws fresh batches)."""
+    if cfg.workers <= 0:
+        step = start
+        while True:
+            yield sample_batch(cache, cfg, collator, rng, step)
+            step += 1
+    loader = torch.utils.data.DataLoader(
+        _BatchStream(cfg.cache_dir, cfg, collator, start, rank), batch_size=None,
+        num_workers=cfg.workers, prefetch_factor=4, pin_memory=cfg.device.startswith("cuda"))
+    yield from loader
+
+
+def batch_to(batch: Batch, device: str) -> Batch:
+    if device == "cpu":
+        return batch
+    return Batch(**{f.name: getattr(batch, f.name).to(device, non_blocking=True)
+                    for f in fields(Batch)})
+
+
 def setup_distributed() -> tuple[int, int]:
     """(rank, world size); initialises torch.distributed (gloo) when run under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -166,6 +211,8 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     model, processor, src, state = build_model(cfg, run_dir, rank)
     collator = Collator(processor)
     pointer = PointerHead(model.config.text_config.hidden_size)
+    model.to(cfg.device)
+    pointer.to(cfg.device)
     params = list(model.parameters()) + list(pointer.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, rank]))
@@ -181,27 +228,50 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model)
     model.train()
-    t0, done_at_start, loss_ema = time.time(), step, None
+    t0, done_at_start, loss_ema, marks = time.time(), step, None, {}
+    batches = batch_stream(cache, cfg, collator, rng, step, rank)
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        batch = sample_batch(cache, cfg, collator, rng, step)
+        batch = batch_to(next(batches), cfg.device)
         losses = _train_step(train_model, pointer, opt, params, batch, collator, cfg, world)
         step += 1
+        cfg = _fit_steps_to_time(cfg, step, step - done_at_start, t0, marks, log)
+        out_of_time = cfg.time_limit_s > 0 and time.time() - t0 > cfg.time_limit_s
+        if out_of_time:
+            log(f"[{cfg.stage}] time limit {cfg.time_limit_s:.0f} s reached at step {step}")
         loss_ema = losses["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * losses["loss"]
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
             _log_progress(cfg, run_dir, step, losses, loss_ema, (step - done_at_start, t0), log)
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
             rngs = _gather_rngs(rng, world)
             if rank == 0:
                 _save(run_dir, model, src, pointer, opt, step, rngs, cfg)
                 src = run_dir / "checkpoint"
         if rank == 0 and cfg.eval_every and cfg.eval_cache and step % cfg.eval_every == 0:
             _evaluate(cfg, model, collator, run_dir, step, log)
+        if out_of_time:
+            break
     if world > 1:
         torch.distributed.barrier()
     return {"step": step, "loss": loss_ema, "checkpoint": str(run_dir / "checkpoint"),
             "seconds": time.time() - t0}
+
+
+def _fit_steps_to_time(cfg: SftConfig, step: int, done: int, t0: float, marks: dict,
+                       log) -> SftConfig:
+    """With a time limit, once the speed is known (steps 10..40 of this process) shorten
+    `steps` so the cosine schedule ends within the limit."""
+    if cfg.time_limit_s <= 0 or done not in (10, 40):
+        return cfg
+    marks[done] = time.time()
+    if done == 10:
+        return cfg
+    rate = 30 / max(1e-9, marks[40] - marks[10])
+    left = cfg.time_limit_s - (marks[40] - t0)
+    fitted = min(cfg.steps, step + int(rate * left * 0.92))
+    log(f"[{cfg.stage}] {rate:.2f} it/s: the run ends at step {fitted} within the time limit")
+    return replace(cfg, steps=fitted)
 
 
 def _train_step(train_model, pointer, opt, params, batch: Batch, collator: Collator,
