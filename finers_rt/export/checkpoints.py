@@ -286,11 +286,11 @@ def load_processor(hf_dir: str | Path):
 def load_reference(hf_dir: str | Path):
     """Load (model, processor) as the float32 eager-attention torch reference, in eval mode."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from finers_rt.export.pointer import load_vlm  # pointer checkpoints get their subclass
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ArtifactError(f"{hf_dir} is not a Hugging Face checkpoint folder (no config.json)")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(hf_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    model = load_vlm(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     return model, load_processor(hf_dir)

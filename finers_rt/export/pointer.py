@@ -33,6 +33,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.cache_utils import DynamicLayer
 
 from finers_rt.errors import ArtifactError
+from finers_rt.export.decoder_graph import DecoderStep
 
 POINTER_KEY = "finers_pointer"
 POINTER_EPS = 1e-6
@@ -251,3 +252,36 @@ def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = 
     model.save_pretrained(str(out), safe_serialization=True)
     copy_processor_files(src, out)
     return out
+
+
+def decoder_step_for(model):
+    """The export wrapper of `model`: PointerDecoderStep for pointer models, else None (the
+    exporter's default `DecoderStep`)."""
+    return PointerDecoderStep(model) if isinstance(model, FinersPointerQwen2_5_VL) else None
+
+
+class PointerDecoderStep(DecoderStep):
+    """`DecoderStep` + the pointer: one extra K/V pair (index num_hidden_layers, same per-pair
+    shape [B, seq, KV, D]) in and out, and pointer-modified last-position logits. The LM's
+    additive mask [B, 1, S, T] is the pointer's mask too (same causal + padding rule)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.pointer = model.pointer
+        self.num_kv_pairs = self.num_layers + 1
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, *past):
+        cos, sin = self.lm.rotary_emb(inputs_embeds, position_ids)
+        h = inputs_embeds
+        new = []
+        for i, layer in enumerate(self.lm.layers):
+            h, nk, nv = self._layer(layer, h, cos, sin, attention_mask, past[2 * i], past[2 * i + 1])
+            new += [nk, nv]
+        hidden = self.lm.norm(h)  # [B, S, H]: every new token gets its pointer key
+        pk, pv = pointer_kv(self.pointer, hidden, position_ids)
+        keys = torch.cat([past[2 * self.num_layers], pk], dim=1)
+        values = torch.cat([past[2 * self.num_layers + 1], pv], dim=1)
+        last = hidden[:, -1:, :]
+        logits = pointer_logits(self.pointer, last, self.lm_head(last), keys, values,
+                                attention_mask[:, :, -1:, :])
+        return (logits[:, 0, :], *new, pk, pv)

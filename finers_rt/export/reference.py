@@ -82,17 +82,15 @@ class ReferenceVlm:
     def load(cls, hf_dir: str | Path, stage_size_wh: Sequence[int],
              attn_implementation: str = "sdpa") -> "ReferenceVlm":
         """Load an HF checkpoint folder as the torch reference of a stage of `stage_size_wh`."""
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
         from finers_rt.export.checkpoints import load_processor
+        from finers_rt.export.pointer import load_vlm
 
         check_attn(attn_implementation)
         hf_dir = Path(hf_dir)
         if not (hf_dir / "config.json").is_file():
             raise ArtifactError(f"reference checkpoint {hf_dir} is not a Hugging Face folder "
                                 "(no config.json); the bundle's source checkpoints must still exist")
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            str(hf_dir), dtype=torch.float32, attn_implementation=attn_implementation).eval()
+        model = load_vlm(hf_dir, dtype=torch.float32, attn_implementation=attn_implementation).eval()
         return cls(model, load_processor(hf_dir), stage_size_wh, hf_dir)
 
     @classmethod

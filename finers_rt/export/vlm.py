@@ -29,6 +29,7 @@ from finers_rt.export import validate
 from finers_rt.export.checkpoints import load_reference
 from finers_rt.export.decoder_graph import KV_CACHES, export_decoder
 from finers_rt.export.graph_files import consolidate_external_data, graph_spec
+from finers_rt.export.pointer import decoder_step_for
 from finers_rt.export.quantize import QUANTIZATIONS, quantize_decoder
 from finers_rt.export.staging import check_out_dir, staged_folder
 from finers_rt.export.vision_graph import export_vision
@@ -184,7 +185,8 @@ def write_graphs(model, work: Path, grid: tuple[int, int, int], opset: int, kv_c
     export_vision(model.model.visual, grid, str(work / "vision.onnx"), opset,
                   fused_attention=kv_cache == "shared")
     consolidate_external_data(work / "vision.onnx")
-    export_decoder(model, str(work / "decoder.onnx"), opset, kv_cache=kv_cache)
+    export_decoder(model, str(work / "decoder.onnx"), opset, kv_cache=kv_cache,
+                   step=decoder_step_for(model))
     consolidate_external_data(work / "decoder.onnx")
 
 

@@ -156,7 +156,7 @@ def _group_losses(model, collator: Collator, task: _Task, cfg: GrpoConfig,
 def train_grpo(cfg: GrpoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) GRPO; return {"step", "reward", "checkpoint", "seconds"}."""
     from finers_rt.export.checkpoints import load_processor
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from finers_rt.export.pointer import load_vlm
 
     torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out_dir)
@@ -166,7 +166,7 @@ def train_grpo(cfg: GrpoConfig, log: Callable[[str], None] = print) -> dict[str,
     src = run_dir / "checkpoint" if state is not None else Path(cfg.init)
     if not (src / "config.json").is_file():
         raise InputError(f"--init must be an HF checkpoint folder (SFT output), got '{cfg.init}'")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32)
+    model = load_vlm(src, dtype=torch.float32)
     collator = Collator(load_processor(src))
     cache = SampleCache(cfg.cache_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
