@@ -153,3 +153,15 @@ def test_export_parity_and_runtime_greedy_equal_hf_generate(pointer_dirs, tmp_pa
     assert manifest.validation["prefill_logits_max_abs_err"] < 1e-3
     outputs = {spec.name for spec in manifest.graphs["decoder"].outputs}
     assert {f"new_key_{layers}", f"new_value_{layers}"} <= outputs
+
+
+def test_shift_moves_axis_mass_by_fractional_cells():
+    from finers_rt.export.pointer import shift_cells
+
+    cells = torch.arange(6, dtype=torch.float32)
+    p = torch.zeros(1, 2, 1, 6)
+    p[0, 0, 0, 3] = 1.0  # x: cell 3
+    p[0, 1, 0, 1] = 1.0  # y: cell 1
+    out = shift_cells(p, torch.tensor([[[1.0, -0.5]]]), cells)  # x down 1 cell, y up half a cell
+    assert out[0, 0, 0].tolist() == [0, 0, 1, 0, 0, 0]
+    torch.testing.assert_close(out[0, 1, 0], torch.tensor([0, 0.5, 0.5, 0, 0, 0]))

@@ -45,7 +45,7 @@ def pointer_settings(coord_ids_values: dict[int, int], cell_px: int, max_value: 
     return {"version": 1, "coord_token_ids": ids,
             "coord_values": [int(coord_ids_values[i]) for i in ids],
             "cell_px": int(cell_px), "num_cells": int(max_value) // int(cell_px) + 1,
-            "eps": POINTER_EPS}
+            "eps": POINTER_EPS, "shift": True}
 
 
 def cell_weights(settings: dict[str, Any], vocab_size: int) -> torch.Tensor:
@@ -87,6 +87,9 @@ class PointerHead(nn.Module):
         self.key = nn.Linear(hidden, 2 * head_dim)
         self.query = nn.Linear(hidden, 2 * head_dim)
         self.gate = nn.Linear(hidden, 2)
+        # optional learned shift (in cells) of each axis distribution: a GSE region's x1 sits
+        # 1.5 cells left of the target the pointer finds, a box edge half a width away
+        self.shift = nn.Linear(hidden, 2) if settings.get("shift") else None
         self.register_buffer("cell_map", cell_weights(settings, vocab_size), persistent=False)
         self.register_buffer("coord_mask", coordinate_mask(settings, vocab_size), persistent=False)
         self.register_buffer("cells", torch.arange(int(settings["num_cells"]), dtype=torch.float32),
@@ -126,12 +129,31 @@ def pointer_logits(head: PointerHead, hidden: torch.Tensor, base_logits: torch.T
     cells = torch.stack([values[:, :, 0, 0], values[:, :, 0, 1]], dim=1)  # [B, 2, T]
     onehot = (cells[..., None] == head.cells).to(probs.dtype)  # [B, 2, T, C]
     p_axis = torch.matmul(probs, onehot)  # [B, 2, S, C]
+    if head.shift is not None:
+        p_axis = shift_cells(p_axis, head.shift(hidden), head.cells)
     if head.training:
         head.last_axis_probs = p_axis  # for the training-only dense axis loss
     logp = torch.log(torch.matmul(p_axis, head.cell_map) + head.eps)  # [B, 2, S, V]
     gates = F.softplus(head.gate(hidden)).permute(2, 0, 1)[..., None]  # [2, B, S, 1]
     bonus = (gates[0] * logp[:, 0] + gates[1] * logp[:, 1]) * head.coord_mask
     return base_logits + bonus
+
+
+def shift_cells(p_axis: torch.Tensor, shift: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """p_axis [B, 2, S, C], shift [B, S, 2] (cells), cells [C] = 0..C-1 -> [B, 2, S, C]:
+    p'[c] = (1 - f) p[c + k] + f p[c + k + 1] with shift = k + f (k integer, 0 <= f < 1), zero
+    outside the grid: the distribution moves `shift` cells down, linearly between cells."""
+    delta = shift.permute(0, 2, 1)[..., None]  # [B, 2, S, 1]
+    k = torch.floor(delta)
+    frac = delta - k
+    last = p_axis.shape[-1] - 1
+    index = cells + k  # [B, 2, S, C]
+
+    def take(i):
+        inside = ((i >= 0) & (i <= last)).to(p_axis.dtype)
+        return torch.gather(p_axis, -1, i.clamp(0, last).long()) * inside
+
+    return (1.0 - frac) * take(index) + frac * take(index + 1.0)
 
 
 def causal_additive_mask(attention_mask: torch.Tensor | None, bsz: int, seq: int, total: int,
