@@ -165,3 +165,23 @@ def test_shift_moves_axis_mass_by_fractional_cells():
     out = shift_cells(p, torch.tensor([[[1.0, -0.5]]]), cells)  # x down 1 cell, y up half a cell
     assert out[0, 0, 0].tolist() == [0, 0, 1, 0, 0, 0]
     torch.testing.assert_close(out[0, 1, 0], torch.tensor([0, 0.5, 0.5, 0, 0, 0]))
+
+
+def test_add_pointer_upgrades_a_pointer_checkpoint_without_shift(pointer_dirs, tmp_path):
+    import json
+    import shutil
+
+    from finers_rt.export.pointer import add_pointer, load_vlm
+
+    _, ptr = pointer_dirs
+    old = tmp_path / "old"
+    shutil.copytree(ptr, old)
+    config = json.loads((old / "config.json").read_text())
+    config["finers_pointer"].pop("shift")
+    (old / "config.json").write_text(json.dumps(config))
+    before = load_vlm(old, dtype=torch.float32)
+    assert before.pointer.shift is None
+    after = load_vlm(add_pointer(old, tmp_path / "new"), dtype=torch.float32)
+    assert after.pointer.shift is not None
+    torch.testing.assert_close(after.pointer.key.weight, before.pointer.key.weight)
+    torch.testing.assert_close(after.lm_head.weight, before.lm_head.weight)

@@ -253,8 +253,10 @@ def load_vlm(hf_dir: str | Path, **kwargs):
 
 
 def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = None) -> Path:
-    """Write `src_dir` (a stock finers-tiny-style checkpoint with coordinate tokens) as a pointer
-    checkpoint at `out_dir`: same weights, fresh pointer weights, `finers_pointer` config."""
+    """Write `src_dir` (a finers-tiny-style checkpoint with coordinate tokens) as a pointer
+    checkpoint at `out_dir` with the current pointer settings: same weights, fresh weights for
+    the pointer parts the source lacks (all of them for a stock checkpoint; the shift for a
+    pointer checkpoint written before it existed)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from finers_rt.train.checkpoint import copy_processor_files
@@ -265,9 +267,10 @@ def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = 
     coords = coordinate_token_map(AutoTokenizer.from_pretrained(str(src)))
     if not coords:
         raise ArtifactError(f"{src} has no coordinate tokens; the pointer needs them")
+    old = getattr(config, POINTER_KEY, None) or {}
     if cell_px is None:
         vision = config.vision_config
-        cell_px = vision.patch_size * vision.spatial_merge_size
+        cell_px = old.get("cell_px") or vision.patch_size * vision.spatial_merge_size
     setattr(config, POINTER_KEY, pointer_settings(coords, cell_px, COORD_MAX))
     model = FinersPointerQwen2_5_VL.from_pretrained(str(src), config=config, dtype=torch.float32)
     out.mkdir(parents=True, exist_ok=True)
