@@ -125,14 +125,16 @@ def test_pointer_training_option_adds_the_pointer_and_its_loss(tmp_path):
         SftConfig(stage="lpr", cache_dir=str(cache), out_dir=str(out), model_class="bogus")
 
 
-def test_export_parity_and_runtime_greedy_equal_hf_generate(pointer_dirs, tmp_path):
+@pytest.mark.parametrize("kv_cache", ["shared", "concat"])
+def test_export_parity_and_runtime_greedy_equal_hf_generate(pointer_dirs, tmp_path, kv_cache):
     pytest.importorskip("onnxruntime")
     from finers_rt.export.checkpoints import load_reference
     from finers_rt.export.vlm import VlmExportOptions, export_vlm
     from finers_rt.vlm import VlmStage
 
     _, ptr = pointer_dirs
-    manifest = export_vlm(ptr, tmp_path / "stage", VlmExportOptions(role="lpr", image_size_wh=(84, 84)))
+    manifest = export_vlm(ptr, tmp_path / "stage", VlmExportOptions(
+        role="lpr", image_size_wh=(84, 84), kv_cache=kv_cache))
     assert manifest.validation["greedy_tokens_equal"] is True
     layers = manifest.text.num_hidden_layers
     stage = VlmStage.load(tmp_path / "stage")
@@ -152,7 +154,8 @@ def test_export_parity_and_runtime_greedy_equal_hf_generate(pointer_dirs, tmp_pa
     # logits parity covers the pointer term (it moves coordinate logits by > 1, see above)
     assert manifest.validation["prefill_logits_max_abs_err"] < 1e-3
     outputs = {spec.name for spec in manifest.graphs["decoder"].outputs}
-    assert {f"new_key_{layers}", f"new_value_{layers}"} <= outputs
+    prefix = "present" if kv_cache == "shared" else "new"
+    assert {f"{prefix}_key_{layers}", f"{prefix}_value_{layers}"} <= outputs
 
 
 def test_shift_moves_axis_mass_by_fractional_cells():

@@ -9,7 +9,9 @@ How (the same rule in HF and in the exported decoder graph, see `pointer_kv`/`po
   heads (x, y), and a pointer value holding its grid cell taken ONLY from the M-RoPE position ids
   (t, h, w): col = w - t, row = h - t (text tokens have t = h = w, so they sit in cell (0, 0);
   their learned keys keep them out of the way). Keys/values are cached as ONE extra K/V pair
-  with the LM layers' per-pair shape: key heads 0/1 = x/y keys, value[..., 0:2] = (col, row).
+  with the LM layers' per-pair shape: key heads 0/1 = x/y keys, value head 0/1 = one-hot of the
+  column/row (so plain attention, HF's or the fused GroupQueryAttention op, yields p_col/p_row;
+  at most head_dim cells per axis: 64 x 28 px = 1792 px for finers-tiny).
 - at every position t, queries q_x, q_y = W_q(h_t) attend causally over the cached pointer keys;
   p_col[c] = attention mass on tokens of column c (p_row likewise);
 - logits = lm_head(h_t), and for every coordinate token v:
@@ -33,7 +35,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.cache_utils import DynamicLayer
 
 from finers_rt.errors import ArtifactError
-from finers_rt.export.decoder_graph import DecoderStep
+from finers_rt.export.decoder_graph import DecoderStep, SharedKvDecoderStep, _GroupQueryAttention
 
 POINTER_KEY = "finers_pointer"
 POINTER_EPS = 1e-6
@@ -48,10 +50,12 @@ def pointer_settings(coord_ids_values: dict[int, int], cell_px: int, max_value: 
             "eps": POINTER_EPS, "shift": True}
 
 
-def cell_weights(settings: dict[str, Any], vocab_size: int) -> torch.Tensor:
+def cell_weights(settings: dict[str, Any], vocab_size: int, num_cells: int | None = None) -> torch.Tensor:
     """[C, V] float32: column v spreads coordinate value v linearly over the two nearest cell
-    centres (cell c covers [c * cell, (c + 1) * cell) px); zero columns for other tokens."""
-    cell, cells = float(settings["cell_px"]), int(settings["num_cells"])
+    centres (cell c covers [c * cell, (c + 1) * cell) px; past the last centre: the last cell);
+    zero columns for other tokens. C = num_cells (default: the settings')."""
+    cell = float(settings["cell_px"])
+    cells = int(num_cells or settings["num_cells"])
     out = torch.zeros(cells, vocab_size, dtype=torch.float32)
     for tid, value in zip(settings["coord_token_ids"], settings["coord_values"]):
         pos = (value - cell / 2) / cell
@@ -83,6 +87,8 @@ class PointerHead(nn.Module):
         if num_kv_heads < 2:
             raise ArtifactError("the pointer needs at least 2 K/V heads (x and y keys)")
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        # a cell is a one-hot slot of a pointer value vector, so at most head_dim cells per axis
+        self.num_cells = min(int(settings["num_cells"]), head_dim)
         self.eps = float(settings.get("eps", POINTER_EPS))
         self.key = nn.Linear(hidden, 2 * head_dim)
         self.query = nn.Linear(hidden, 2 * head_dim)
@@ -90,10 +96,12 @@ class PointerHead(nn.Module):
         # optional learned shift (in cells) of each axis distribution: a GSE region's x1 sits
         # 1.5 cells left of the target the pointer finds, a box edge half a width away
         self.shift = nn.Linear(hidden, 2) if settings.get("shift") else None
-        self.register_buffer("cell_map", cell_weights(settings, vocab_size), persistent=False)
-        self.register_buffer("coord_mask", coordinate_mask(settings, vocab_size), persistent=False)
-        self.register_buffer("cells", torch.arange(int(settings["num_cells"]), dtype=torch.float32),
+        self.register_buffer("cell_map", cell_weights(settings, vocab_size, self.num_cells),
                              persistent=False)
+        self.register_buffer("coord_mask", coordinate_mask(settings, vocab_size), persistent=False)
+        self.register_buffer("cells", torch.arange(self.num_cells, dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("slots", torch.arange(head_dim, dtype=torch.float32), persistent=False)
 
 
 def pointer_cells(position_ids: torch.Tensor) -> torch.Tensor:
@@ -105,38 +113,50 @@ def pointer_cells(position_ids: torch.Tensor) -> torch.Tensor:
 def pointer_kv(head: PointerHead, hidden: torch.Tensor, position_ids: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(key, value) of new tokens, each [B, S, KV, D] (sequence-major, the graph's layout):
-    key heads 0/1 = x/y pointer keys (other heads 0), value[..., 0:2] = (col, row)."""
+    key heads 0/1 = x/y pointer keys; value head 0 = one-hot of the token's column, head 1 =
+    one-hot of its row (D slots); other heads 0. Attention with these values returns the
+    distribution over cells directly, so any attention kernel (HF, plain ops, fused GQA) works."""
     bsz, seq = hidden.shape[0], hidden.shape[1]
     keys = head.key(hidden).view(bsz, seq, 2, head.head_dim)
+    cells = pointer_cells(position_ids)  # [B, S, 2]
+    values = (cells[..., None] == head.slots).to(hidden.dtype)  # [B, S, 2, D]
     pad = head.num_kv_heads - 2
     if pad:
         keys = torch.cat([keys, keys.new_zeros(bsz, seq, pad, head.head_dim)], dim=2)
-    cells = pointer_cells(position_ids)  # [B, S, 2]
-    value = torch.cat([cells, cells.new_zeros(bsz, seq, head.head_dim - 2)], dim=-1)
-    value = value[:, :, None, :].expand(bsz, seq, head.num_kv_heads, head.head_dim)
-    return keys, value.contiguous()
+        values = torch.cat([values, values.new_zeros(bsz, seq, pad, head.head_dim)], dim=2)
+    return keys, values
 
 
-def pointer_logits(head: PointerHead, hidden: torch.Tensor, base_logits: torch.Tensor,
-                   keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """hidden [B, S, H] (final normed), base_logits [B, S, V], keys/values [B, T, KV, D] (all
-    cached + new pointer K/V), mask additive [B, 1, S, T] -> logits [B, S, V]."""
+def pointer_axis_probs(head: PointerHead, hidden: torch.Tensor, keys: torch.Tensor,
+                       values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, H], keys/values [B, T, KV, D] (cached + new), additive mask [B, 1, S, T]
+    -> p_axis [B, 2, S, C]: column (x) and row (y) distributions of the queries' attention."""
     bsz, seq = hidden.shape[0], hidden.shape[1]
     q = head.query(hidden).view(bsz, seq, 2, head.head_dim).transpose(1, 2)  # [B, 2, S, D]
     k = keys[:, :, 0:2, :].transpose(1, 2)  # [B, 2, T, D]
     scores = torch.matmul(q, k.transpose(2, 3)) * head.head_dim ** -0.5 + mask  # [B, 2, S, T]
     probs = torch.softmax(scores, dim=-1)
-    cells = torch.stack([values[:, :, 0, 0], values[:, :, 0, 1]], dim=1)  # [B, 2, T]
-    onehot = (cells[..., None] == head.cells).to(probs.dtype)  # [B, 2, T, C]
-    p_axis = torch.matmul(probs, onehot)  # [B, 2, S, C]
+    return torch.matmul(probs, values[:, :, 0:2, :].transpose(1, 2))[..., :head.num_cells]
+
+
+def pointer_bonus(head: PointerHead, hidden: torch.Tensor, p_axis: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, H], p_axis [B, 2, S, C] -> the additive logits [B, S, V] (coordinates only):
+    g_x * log(p_col . W[v] + eps) + g_y * log(p_row . W[v] + eps), after the learned shift."""
     if head.shift is not None:
         p_axis = shift_cells(p_axis, head.shift(hidden), head.cells)
     if head.training:
         head.last_axis_probs = p_axis  # for the training-only dense axis loss
     logp = torch.log(torch.matmul(p_axis, head.cell_map) + head.eps)  # [B, 2, S, V]
     gates = F.softplus(head.gate(hidden)).permute(2, 0, 1)[..., None]  # [2, B, S, 1]
-    bonus = (gates[0] * logp[:, 0] + gates[1] * logp[:, 1]) * head.coord_mask
-    return base_logits + bonus
+    return (gates[0] * logp[:, 0] + gates[1] * logp[:, 1]) * head.coord_mask
+
+
+def pointer_logits(head: PointerHead, hidden: torch.Tensor, base_logits: torch.Tensor,
+                   keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, H] (final normed), base_logits [B, S, V], keys/values [B, T, KV, D] (all
+    cached + new pointer K/V), mask additive [B, 1, S, T] -> logits [B, S, V]."""
+    axis = pointer_axis_probs(head, hidden, keys, values, mask)
+    return base_logits + pointer_bonus(head, hidden, axis)
 
 
 def shift_cells(p_axis: torch.Tensor, shift: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -279,16 +299,18 @@ def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = 
     return out
 
 
-def decoder_step_for(model):
-    """The export wrapper of `model`: PointerDecoderStep for pointer models, else None (the
-    exporter's default `DecoderStep`)."""
-    return PointerDecoderStep(model) if isinstance(model, FinersPointerQwen2_5_VL) else None
+def decoder_step_for(model, kv_cache: str = "shared"):
+    """The export wrapper of `model` for a K/V contract: a pointer step for pointer models, else
+    None (the exporter's default step)."""
+    if not isinstance(model, FinersPointerQwen2_5_VL):
+        return None
+    return SharedKvPointerStep(model) if kv_cache == "shared" else PointerDecoderStep(model)
 
 
 class PointerDecoderStep(DecoderStep):
-    """`DecoderStep` + the pointer: one extra K/V pair (index num_hidden_layers, same per-pair
-    shape [B, seq, KV, D]) in and out, and pointer-modified last-position logits. The LM's
-    additive mask [B, 1, S, T] is the pointer's mask too (same causal + padding rule)."""
+    """"concat" contract: `DecoderStep` + the pointer: one extra K/V pair (index
+    num_hidden_layers, same per-pair shape [B, seq, KV, D]) in and out, and pointer-modified
+    last-position logits. The LM's additive mask [B, 1, S, T] is the pointer's mask too."""
 
     def __init__(self, model):
         super().__init__(model)
@@ -310,3 +332,39 @@ class PointerDecoderStep(DecoderStep):
         logits = pointer_logits(self.pointer, last, self.lm_head(last), keys, values,
                                 attention_mask[:, :, -1:, :])
         return (logits[:, 0, :], *new, pk, pv)
+
+
+class SharedKvPointerStep(SharedKvDecoderStep):
+    """"shared" contract: the pointer pair is read and written in place by one more
+    GroupQueryAttention node (query heads = KV heads, heads 0/1 the x/y queries, no rotary),
+    whose output for the last position IS the (column, row) distribution (one-hot values)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.pointer = model.pointer
+        self.num_kv_pairs = self.num_layers + 1
+
+    def forward(self, inputs_embeds, position_ids, seqlens_k, total, *past):
+        cos, sin = self._rope(position_ids)
+        h = inputs_embeds
+        present = []
+        for i in range(self.num_layers):
+            h, pk, pv = self._shared_layer(i, h, cos, sin, seqlens_k, total, past[2 * i], past[2 * i + 1])
+            present += [pk, pv]
+        hidden = self.lm.norm(h)
+        bsz, seq = hidden.shape[0], hidden.shape[1]
+        kv, dim = self.num_kv_heads, self.head_dim
+        keys, values = pointer_kv(self.pointer, hidden, position_ids)  # [B, S, KV, D]
+        q = self.pointer.query(hidden)  # [B, S, 2 * D]
+        if kv > 2:
+            q = torch.cat([q, q.new_zeros(bsz, seq, (kv - 2) * dim)], dim=-1)
+        out, present_k, present_v = _GroupQueryAttention.apply(
+            q, keys.reshape(bsz, seq, kv * dim), values.reshape(bsz, seq, kv * dim),
+            past[2 * self.num_layers], past[2 * self.num_layers + 1], seqlens_k, total, kv, kv,
+            float(dim ** -0.5))
+        cells = self.pointer.num_cells
+        last = out[:, -1, :]  # [B, KV * D]
+        p_axis = torch.stack([last[:, :cells], last[:, dim:dim + cells]], dim=1)[:, :, None, :]
+        h_last = hidden[:, -1:, :]
+        logits = self.lm_head(h_last) + pointer_bonus(self.pointer, h_last, p_axis)
+        return (logits[:, 0, :], *present, present_k, present_v)

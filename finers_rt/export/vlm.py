@@ -186,7 +186,7 @@ def write_graphs(model, work: Path, grid: tuple[int, int, int], opset: int, kv_c
                   fused_attention=kv_cache == "shared")
     consolidate_external_data(work / "vision.onnx")
     export_decoder(model, str(work / "decoder.onnx"), opset, kv_cache=kv_cache,
-                   step=decoder_step_for(model))
+                   step=decoder_step_for(model, kv_cache))
     consolidate_external_data(work / "decoder.onnx")
 
 
