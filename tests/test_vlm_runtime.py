@@ -359,7 +359,8 @@ def test_decoder_with_an_extra_kv_pair_exports_and_generates(make_vlm_checkpoint
 
     real = vlm_export.export_decoder
     monkeypatch.setattr(vlm_export, "export_decoder",
-                        lambda model, path, opset, kv_cache: real(model, path, opset, step=ExtraPair(model)))
+                        lambda model, path, opset, kv_cache, step=None: real(model, path, opset,
+                                                                             step=ExtraPair(model)))
     hf_dir = make_vlm_checkpoint("tiny-gqa3", 0)
     stage_dir = _export(hf_dir, tmp_path / "extra", (140, 112))
     stage = VlmStage.load(stage_dir)
