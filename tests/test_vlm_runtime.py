@@ -212,6 +212,38 @@ def test_greedy_tokens_equal_hf_generate(stages, name, seed, text, expect_eos):
     assert result.text == stage.tokenizer.decode(result.token_ids)
 
 
+@pytest.mark.parametrize("chunk", [7, 16])
+def test_chunked_prefill_keeps_hf_tokens_and_kv(stages, monkeypatch, chunk):
+    """A long batch-1 prefill of a "shared" stage runs in PREFILL_CHUNK pieces: same greedy tokens
+    as HF and the same K/V (to float rounding) as one whole-prompt chunk."""
+    from finers_rt import vlm
+    from finers_rt.vlm import VlmStage
+
+    hf_dir, stage_dir = stages["gqa3"]
+    stage = VlmStage.load(stage_dir)
+    rng = np.random.default_rng(1)
+    seq = 3 * chunk + 2  # chunks of `chunk`, then a short tail
+    embeds = rng.standard_normal((1, seq, stage.manifest.text.hidden_size)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(seq)[None, None], (3, 1, seq)).astype(np.int64).copy()
+
+    def prefill(chunk_size):
+        monkeypatch.setattr(vlm, "PREFILL_CHUNK", chunk_size)
+        buffer = stage._buffer_for(1, seq + 4)
+        buffer.length = 0
+        logits = stage.forward(embeds, positions, buffer)
+        assert buffer.length == seq
+        return logits, [np.array(k[:, :, :seq]) for k in buffer.keys], [np.array(v[:, :, :seq]) for v in buffer.values]
+
+    whole, chunked = prefill(10_000), prefill(chunk)
+    np.testing.assert_allclose(chunked[0], whole[0], atol=1e-4)
+    for a, b in zip(chunked[1] + chunked[2], whole[1] + whole[2]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    image = _image(0)
+    monkeypatch.setattr(vlm, "PREFILL_CHUNK", chunk)  # the image prefix is longer than `chunk`
+    result = VlmStage.load(stage_dir).generate(image, QUESTION, max_new_tokens=12)
+    assert result.token_ids == _hf_generate(hf_dir, stage.manifest.image.stage_size_wh, image, QUESTION, 12)[0]
+
+
 def test_prefix_cache_hit_skips_vision_and_keeps_tokens(stages):
     from finers_rt.vlm import VlmStage
 
