@@ -213,13 +213,18 @@ class SharedKvDecoderStep(DecoderStep):
         h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         return h, present_k, present_v
 
-    def forward(self, inputs_embeds, position_ids, seqlens_k, total, *past):
+    def _layers(self, inputs_embeds, position_ids, seqlens_k, total, past):
+        """The LM layers over `past` (pairs 0..L-1): (last hidden state, [present K, V per layer])."""
         cos, sin = self._rope(position_ids)
         h = inputs_embeds
         present = []
         for i in range(self.num_layers):
             h, pk, pv = self._shared_layer(i, h, cos, sin, seqlens_k, total, past[2 * i], past[2 * i + 1])
             present += [pk, pv]
+        return h, present
+
+    def forward(self, inputs_embeds, position_ids, seqlens_k, total, *past):
+        h, present = self._layers(inputs_embeds, position_ids, seqlens_k, total, past)
         return (self._head(h), *present)
 
     def io_names(self) -> tuple[list[str], list[str]]:

@@ -345,12 +345,7 @@ class SharedKvPointerStep(SharedKvDecoderStep):
         self.num_kv_pairs = self.num_layers + 1
 
     def forward(self, inputs_embeds, position_ids, seqlens_k, total, *past):
-        cos, sin = self._rope(position_ids)
-        h = inputs_embeds
-        present = []
-        for i in range(self.num_layers):
-            h, pk, pv = self._shared_layer(i, h, cos, sin, seqlens_k, total, past[2 * i], past[2 * i + 1])
-            present += [pk, pv]
+        h, present = self._layers(inputs_embeds, position_ids, seqlens_k, total, past)
         hidden = self.lm.norm(h)
         bsz, seq = hidden.shape[0], hidden.shape[1]
         kv, dim = self.num_kv_heads, self.head_dim
