@@ -161,7 +161,7 @@ class Pipeline:
     def run(self, image: Any, instruction: str, question_type: str = "referring",
             options: str | None = None, max_new_tokens: int | None = None) -> Result:
         """Answer `instruction` on `image`: a path, an HxWx3 uint8 RGB array, or a
-        `finers_rt.image.Frame`. The last decoded file is kept: asking about the same unchanged
+        `finers_rt.frame.Frame`. The last decoded file is kept: asking about the same unchanged
         file again does not decode it again. For K questions about one in-memory camera frame,
         wrap it once (`frame = open_frame(rgb)`) and pass the Frame: its stage resize is then
         computed once too (an array is re-wrapped, and re-resized, on every call)."""

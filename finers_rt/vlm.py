@@ -219,11 +219,10 @@ class VlmStage:
         a 2,700-token prefix 128 -> 40 ms)."""
         batch, seq = embeds.shape[:2]
         if batch == 1 and seq > PREFILL_CHUNK:
-            for start in range(0, seq - PREFILL_CHUNK, PREFILL_CHUNK):
-                self._forward_shared(embeds[:, start:start + PREFILL_CHUNK],
-                                     positions[:, :, start:start + PREFILL_CHUNK], buffer)
-            last = (seq - 1) // PREFILL_CHUNK * PREFILL_CHUNK
-            return self._forward_shared(embeds[:, last:], positions[:, :, last:], buffer)
+            for start in range(0, seq, PREFILL_CHUNK):
+                stop = start + PREFILL_CHUNK
+                logits = self._forward_shared(embeds[:, start:stop], positions[:, :, start:stop], buffer)
+            return logits
         past = buffer.length
         buffer.claim(past, seq)  # checks the range first
         row_groups = [(row, 1) for row in range(batch)] if seq > 1 and past > 0 and batch > 1 else [(0, batch)]
@@ -234,24 +233,16 @@ class VlmStage:
             binding.positions[...] = positions[:, row:row + rows]
             binding.seqlens[...] = past + seq - 1
             binding.total[...] = past + seq
-            if seq == 1:
-                start = time.perf_counter()
-                binding.run()
-                self.decode_session_ms += (time.perf_counter() - start) * 1000.0
-            else:
-                binding.run()
+            binding.run()
             logits.append(binding.logits if rows == batch else binding.logits.copy())
         return logits[0].copy() if len(logits) == 1 else np.concatenate(logits)
 
-    def decode_step(self, token_ids: np.ndarray, buffer: KVBuffer, rope_delta: int) -> np.ndarray:
-        """One decode step: `token_ids [B]` int64 appended at `buffer.length` (M-RoPE position
-        `length + rope_delta`). Returns `logits [B, V]`; for a "shared" decoder this is the binding's
-        own array, valid until the next step (the decode loop reads it before then)."""
-        return self.decode_stepper(buffer, rope_delta)(token_ids)
-
     def decode_stepper(self, buffer: KVBuffer, rope_delta: int):
-        """`decode_step` bound to one buffer: a function `token_ids [B] -> logits [B, V]`. For a
-        "shared" decoder everything per step is prepared once (the decode loop calls it per token)."""
+        """One decode step per call, bound to `buffer`: a function `token_ids [B] int64 -> logits
+        [B, V]` that appends the tokens at `buffer.length` (M-RoPE position `length + rope_delta`).
+        For a "shared" decoder everything per step is prepared once (the decode loop calls it per
+        token), the returned logits are the binding's own array, valid until the next call, and
+        the session time is added to `decode_session_ms`."""
         if self.kv_cache != "shared":
             def step_concat(token_ids: np.ndarray) -> np.ndarray:
                 position = sequential_positions(buffer.length, 1, rope_delta, buffer.batch)
