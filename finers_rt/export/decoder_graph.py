@@ -78,13 +78,18 @@ class DecoderStep(nn.Module):
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, new_k, new_v
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, *past):
+    def _layers(self, inputs_embeds, position_ids, attention_mask, past):
+        """The LM layers over `past` (pairs 0..L-1): (last hidden state, [new K, V per layer])."""
         cos, sin = self.lm.rotary_emb(inputs_embeds, position_ids)  # [3, B, S, D] each
         h = inputs_embeds
         new = []
         for i, layer in enumerate(self.lm.layers):
             h, nk, nv = self._layer(layer, h, cos, sin, attention_mask, past[2 * i], past[2 * i + 1])
             new += [nk, nv]
+        return h, new
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, *past):
+        h, new = self._layers(inputs_embeds, position_ids, attention_mask, past)
         return (self._head(h), *new)
 
     def _head(self, h):

@@ -318,12 +318,7 @@ class PointerDecoderStep(DecoderStep):
         self.num_kv_pairs = self.num_layers + 1
 
     def forward(self, inputs_embeds, position_ids, attention_mask, *past):
-        cos, sin = self.lm.rotary_emb(inputs_embeds, position_ids)
-        h = inputs_embeds
-        new = []
-        for i, layer in enumerate(self.lm.layers):
-            h, nk, nv = self._layer(layer, h, cos, sin, attention_mask, past[2 * i], past[2 * i + 1])
-            new += [nk, nv]
+        h, new = self._layers(inputs_embeds, position_ids, attention_mask, past)
         hidden = self.lm.norm(h)  # [B, S, H]: every new token gets its pointer key
         pk, pv = pointer_kv(self.pointer, hidden, position_ids)
         keys = torch.cat([past[2 * self.num_layers], pk], dim=1)

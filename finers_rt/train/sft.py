@@ -304,7 +304,7 @@ def _axis_loss(train_model, batch: Batch, cfg: SftConfig) -> torch.Tensor:
     head = getattr(model, "pointer", None)
     probs = getattr(head, "last_axis_probs", None)  # [B, 2, S, C]
     if probs is None:
-        return torch.zeros(())
+        return torch.zeros((), device=batch.labels.device)
     targets = batch.labels[:, 1:]
     mask = head.coord_mask[targets.clamp(min=0)] > 0
     mask &= targets >= 0
