@@ -19,8 +19,6 @@ from finers_rt.dataset import load_annotations, polygon_to_mask, size_bucket
 from finers_rt.errors import InputError
 from finers_rt.synth import (ATTRIBUTE_MIX, COLORS, PATTERNS, QTYPE_MIX, REGIONS, SHAPES,
                              generate_dataset, generate_scene, parse_size_wh)
-from finers_rt.synth.background import render_background
-from finers_rt.synth.scene import layout_objects, scene_rng
 
 SMALL = (640, 360)
 MIX_SEED = 11
@@ -39,9 +37,9 @@ def small_scenes():
 
 def _scene_objects(seed, index, size_wh):
     """The objects of a scene, re-drawn from the same random stream as generate_scene."""
-    rng = scene_rng(seed, index)
-    render_background(rng, size_wh)
-    return layout_objects(rng, size_wh)[0]
+    from finers_rt.synth import scene_objects
+
+    return scene_objects(seed, index, size_wh)
 
 
 def _target(record, objs):

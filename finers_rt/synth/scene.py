@@ -142,6 +142,16 @@ def render_scene_bgr(seed: int, index: int, size_wh: tuple[int, int]
     return image, records
 
 
+def scene_objects(seed: int, index: int, size_wh: tuple[int, int] = (3840, 2160)
+                  ) -> list[SceneObject]:
+    """Every object of scene `index` of dataset `seed` (targets and distractors), exactly as
+    `generate_scene` places them, without painting: for dense per-region supervision."""
+    size_wh = check_size_wh(size_wh)
+    rng = scene_rng(seed, index)
+    render_background(rng, size_wh)  # draws from rng: the layout comes after it
+    return layout_objects(rng, size_wh)[0]
+
+
 def generate_scene(seed: int, index: int, size_wh: tuple[int, int] = (3840, 2160)
                    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Generate scene `index` of dataset `seed` in memory.

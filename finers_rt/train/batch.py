@@ -23,7 +23,8 @@ IGNORE = -100
 class Batch:
     """input_ids / attention_mask / labels [B, S] int64; pixel_values [sum patches, 1176] f32;
     image_grid_thw [B, 3]; pointer_index [B] (target merged-token index, -1 = none);
-    image_spans [B, 2] (first image-token position, count); answer_pos [B] (last prompt pos)."""
+    image_spans [B, 2] (first image-token position, count); answer_pos [B] (last prompt pos);
+    cell_labels [B, cells, A] per-image-token attribute labels (`train.dense`) or None."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -33,6 +34,7 @@ class Batch:
     pointer_index: torch.Tensor
     image_spans: torch.Tensor
     answer_pos: torch.Tensor
+    cell_labels: torch.Tensor | None = None
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,

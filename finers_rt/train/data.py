@@ -242,6 +242,16 @@ class SampleCache:
         self.gse_images = np.load(folder / "gse_images.npy", mmap_mode="r")
         self.lpr_images = np.load(folder / "lpr_images.npy", mmap_mode="r")
         self.lpr_masks = np.load(folder / "lpr_masks.npy", mmap_mode="r")
+        self.folder = folder
+        self._objects: dict[int, list[list[float]]] | None = None
+
+    def object_rows(self, index: int) -> list[list[float]]:
+        """Every object of entry `index`'s scene (`train.dense.object_rows`), built on first use."""
+        from finers_rt.train import dense
+
+        if self._objects is None:
+            self._objects = dense.ensure_scene_objects(self.folder)
+        return self._objects[dense.scene_index(self.entries[index]["record"]["image_path"])]
 
     def __len__(self) -> int:
         return len(self.entries)

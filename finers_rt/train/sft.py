@@ -24,6 +24,7 @@ import torch
 
 from finers_rt.errors import InputError
 from finers_rt.train import checkpoint as ckpt
+from finers_rt.train import dense
 from finers_rt.train.batch import Batch, Collator, PointerHead, token_losses
 from finers_rt.train.data import SampleCache, format_gse_answer, format_lpr_answer, gse_prompt, lpr_prompt
 
@@ -53,6 +54,7 @@ class SftConfig:
     pointer_weight: float = 1.0
     model_class: str = "stock"
     axis_weight: float = 1.0
+    dense_weight: float = 0.0
     curriculum_steps: int = 0
     curriculum_start: float = 0.03
     save_every: int = 100
@@ -74,6 +76,8 @@ class SftConfig:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.model_class not in MODEL_CLASSES:
             raise InputError(f"model class must be one of {MODEL_CLASSES}, got '{self.model_class}'")
+        if self.dense_weight > 0 and self.stage != "gse":
+            raise InputError("--dense-weight labels the GSE image (whole scene): stage gse only")
         if self.lr <= 0 or self.min_lr < 0:
             raise InputError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
 
@@ -116,7 +120,11 @@ def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
     crops = rng.integers(0, cache.lpr_crops, size=cfg.batch_size)
     examples = [stage_example(cache, cfg.stage, int(i), int(k)) for i, k in zip(picks, crops)]
     images, texts, targets, pointers = (list(col) for col in zip(*examples))
-    return collator(images, texts, targets, pointers)
+    batch = collator(images, texts, targets, pointers)
+    if cfg.dense_weight > 0:
+        batch.cell_labels = dense.batch_labels([cache.object_rows(int(i)) for i in picks],
+                                               batch.image_grid_thw, collator.vision.merge_size)
+    return batch
 
 
 class _BatchStream(torch.utils.data.IterableDataset):
@@ -157,7 +165,8 @@ def batch_stream(cache: SampleCache, cfg: SftConfig, collator: Collator, rng, st
 def batch_to(batch: Batch, device: str) -> Batch:
     if device == "cpu":
         return batch
-    return Batch(**{f.name: getattr(batch, f.name).to(device, non_blocking=True)
+    return Batch(**{f.name: None if getattr(batch, f.name) is None
+                    else getattr(batch, f.name).to(device, non_blocking=True)
                     for f in fields(Batch)})
 
 
@@ -211,9 +220,16 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     model, processor, src, state = build_model(cfg, run_dir, rank)
     collator = Collator(processor)
     pointer = PointerHead(model.config.text_config.hidden_size)
+    cells = dense.DenseHead(model.config.text_config.hidden_size)
+    if cfg.dense_weight > 0 and rank == 0:
+        dense.ensure_scene_objects(cfg.cache_dir, log)
+    if cfg.dense_weight > 0 and world > 1:
+        torch.distributed.barrier()
+    heads = torch.nn.ModuleDict({"pointer": pointer, "dense": cells}).to(cfg.device)
     model.to(cfg.device)
-    pointer.to(cfg.device)
-    params = list(model.parameters()) + list(pointer.parameters())
+    # the dense head joins the optimizer only when used (runs saved without it still resume)
+    params = (list(model.parameters()) + list(pointer.parameters())
+              + (list(cells.parameters()) if cfg.dense_weight > 0 else []))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, rank]))
     torch.manual_seed(cfg.seed + rank)
@@ -221,6 +237,8 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         pointer.load_state_dict(state["pointer"])
+        if "dense" in state:
+            cells.load_state_dict(state["dense"])
         ckpt.restore_rng(rng, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         step = int(state["step"])
         log(f"resumed {run_dir} at step {step}")
@@ -234,7 +252,7 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         batch = batch_to(next(batches), cfg.device)
-        losses = _train_step(train_model, pointer, opt, params, batch, collator, cfg, world)
+        losses = _train_step(train_model, heads, opt, params, batch, collator, cfg, world)
         step += 1
         cfg = _fit_steps_to_time(cfg, step, step - done_at_start, t0, marks, log)
         out_of_time = cfg.time_limit_s > 0 and time.time() - t0 > cfg.time_limit_s
@@ -246,7 +264,7 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
             rngs = _gather_rngs(rng, world)
             if rank == 0:
-                _save(run_dir, model, src, pointer, opt, step, rngs, cfg)
+                _save(run_dir, model, src, heads, opt, step, rngs, cfg)
                 src = run_dir / "checkpoint"
         if rank == 0 and cfg.eval_every and cfg.eval_cache and step % cfg.eval_every == 0:
             _evaluate(cfg, model, collator, run_dir, step, log)
@@ -274,26 +292,33 @@ def _fit_steps_to_time(cfg: SftConfig, step: int, done: int, t0: float, marks: d
     return replace(cfg, steps=fitted)
 
 
-def _train_step(train_model, pointer, opt, params, batch: Batch, collator: Collator,
+def _train_step(train_model, heads, opt, params, batch: Batch, collator: Collator,
                 cfg: SftConfig, world: int) -> dict[str, float]:
-    """One optimizer step on `batch`; returns the loss terms as floats."""
+    """One optimizer step on `batch`; returns the loss terms as floats. `heads` holds the
+    training-only "pointer" and "dense" heads."""
     out = train_model(**batch.model_inputs(), output_hidden_states=True)
+    last = out.hidden_states[-1]
     text_loss, coord_loss = token_losses(out.logits, batch.labels, collator, cfg.coord_sigma)
-    point_loss = pointer(out.hidden_states[-1], batch) if cfg.pointer_weight > 0 else text_loss * 0
-    axis_loss = _axis_loss(train_model, batch, cfg) if cfg.axis_weight > 0 else text_loss * 0
+    zero = text_loss * 0
+    point_loss = heads["pointer"](last, batch) if cfg.pointer_weight > 0 else zero
+    axis_loss = _axis_loss(train_model, batch, cfg) if cfg.axis_weight > 0 else zero
+    dense_loss = zero
+    if cfg.dense_weight > 0 and batch.cell_labels is not None:
+        dense_loss = heads["dense"](last, batch.image_spans, batch.image_grid_thw,
+                                    batch.cell_labels, collator.vision.merge_size)
     loss = (text_loss + cfg.coord_weight * coord_loss + cfg.pointer_weight * point_loss
-            + cfg.axis_weight * axis_loss)
+            + cfg.axis_weight * axis_loss + cfg.dense_weight * dense_loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if world > 1:  # the pointer head is outside DDP: average its gradients by hand
-        for p in pointer.parameters():
+    if world > 1:  # the heads are outside DDP: average their gradients by hand
+        for p in heads.parameters():
             if p.grad is not None:
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= world
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     return {"loss": loss.item(), "text": text_loss.item(), "coord": coord_loss.item(),
-            "pointer": point_loss.item(), "axis": axis_loss.item()}
+            "pointer": point_loss.item(), "axis": axis_loss.item(), "dense": dense_loss.item()}
 
 
 def _axis_loss(train_model, batch: Batch, cfg: SftConfig) -> torch.Tensor:
@@ -330,7 +355,8 @@ def _log_progress(cfg: SftConfig, run_dir: Path, step: int, losses: dict[str, fl
            "steps_per_s": round(rate, 3), "elapsed_s": round(time.time() - t0, 1)}
     ckpt.append_log(run_dir, rec)
     log(f"[{cfg.stage}] step {step}/{cfg.steps} loss {rec['loss']:.3f} (ema {loss_ema:.3f}, "
-        f"coord {rec['coord']:.3f}, pointer {rec['pointer']:.3f}, axis {rec['axis']:.3f}) "
+        f"coord {rec['coord']:.3f}, pointer {rec['pointer']:.3f}, axis {rec['axis']:.3f}, "
+        f"dense {rec['dense']:.3f}) "
         f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
 
 
@@ -344,10 +370,11 @@ def _gather_rngs(rng, world: int) -> list[dict[str, Any]]:
     return gathered
 
 
-def _save(run_dir, model, src, pointer, opt, step, rngs, cfg) -> None:
+def _save(run_dir, model, src, heads, opt, step, rngs, cfg) -> None:
     ckpt.save_hf(model, src, run_dir / "checkpoint")
     ckpt.save_state(run_dir / "trainer_state.pt", {
-        "step": step, "optimizer": opt.state_dict(), "pointer": pointer.state_dict(),
+        "step": step, "optimizer": opt.state_dict(), "pointer": heads["pointer"].state_dict(),
+        "dense": heads["dense"].state_dict(),
         "rng": rngs, "config": asdict(cfg)})
 
 

@@ -1,0 +1,137 @@
+"""Dense per-region supervision for the GSE stage (training only, never exported).
+
+GSE must pick one tiny object among 35-70 in a scene; a single pointer target per question is
+a thin signal for a vision tower trained from scratch. Every scene also says, for each merged
+image token (one 28 px cell of the stage image), which colours, shapes and patterns are
+painted there, and where the cell is. `DenseHead` reads the LM's final image-token states and
+predicts both (multi-label attributes + the cell's column and row), so the states the
+in-model pointer's keys are computed from learn "what is here" and "where am I" from ~300
+labels per image instead of one.
+
+Scene objects are rebuilt from the cache's seed with `finers_rt.synth.scene_objects` (the
+generator is deterministic) and stored once per cache as `scene_objects.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from finers_rt.errors import InputError
+from finers_rt.synth import COLORS, PATTERNS, SHAPES
+
+ATTRIBUTES = tuple(COLORS) + SHAPES + PATTERNS
+MAX_CELLS_PER_AXIS = 64
+OBJECTS_FILE = "scene_objects.json"
+_SCENE_INDEX = re.compile(r"(\d+)")
+
+
+def scene_index(image_path: str) -> int:
+    """Scene index from a synthetic record's image path ('scene_000123.jpg' -> 123)."""
+    found = _SCENE_INDEX.findall(Path(image_path).stem)
+    if not found:
+        raise InputError(f"cannot tell the scene index of '{image_path}'")
+    return int(found[-1])
+
+
+def object_rows(objs, scene_wh: tuple[int, int]) -> list[list[float]]:
+    """[x1, y1, x2, y2 (fractions of the image, half-open), attribute ids...] per object."""
+    w, h = scene_wh
+    rows = []
+    for o in objs:
+        x1, y1, x2, y2 = o.box_xyxy
+        rows.append([x1 / w, y1 / h, (x2 + 1) / w, (y2 + 1) / h,
+                     ATTRIBUTES.index(o.color), ATTRIBUTES.index(o.shape),
+                     ATTRIBUTES.index(o.pattern)])
+    return rows
+
+
+def ensure_scene_objects(cache_dir: str | Path, log=None) -> dict[int, list[list[float]]]:
+    """{scene index: object rows} of a training cache, built on first use and saved."""
+    from finers_rt.synth import scene_objects
+
+    folder = Path(cache_dir)
+    path = folder / OBJECTS_FILE
+    if path.is_file():
+        return {int(k): v for k, v in json.loads(path.read_text()).items()}
+    info = json.loads((folder / "records.json").read_text())
+    scene_wh = tuple(info["sizes"]["scene_size_wh"])
+    indices = sorted({scene_index(e["record"]["image_path"]) for e in info["entries"]})
+    table = {}
+    for n, index in enumerate(indices):
+        table[index] = object_rows(scene_objects(int(info["seed"]), index, scene_wh), scene_wh)
+        if log and (n + 1) % 100 == 0:
+            log(f"scene objects: {n + 1}/{len(indices)}")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({str(k): v for k, v in table.items()}))
+    tmp.replace(path)
+    return table
+
+
+def cell_targets(rows: list[list[float]], grid_rc: tuple[int, int]) -> np.ndarray:
+    """[rows * cols, len(ATTRIBUTES)] float32 multi-hot: the attributes of every object whose
+    box overlaps each cell (raster order, the processor's merged-token order)."""
+    n_rows, n_cols = grid_rc
+    out = np.zeros((n_rows, n_cols, len(ATTRIBUTES)), dtype=np.float32)
+    for x1, y1, x2, y2, *attrs in rows:
+        c1, c2 = int(x1 * n_cols), min(n_cols - 1, int(np.ceil(x2 * n_cols)) - 1)
+        r1, r2 = int(y1 * n_rows), min(n_rows - 1, int(np.ceil(y2 * n_rows)) - 1)
+        for a in attrs:
+            out[r1:r2 + 1, c1:max(c1, c2) + 1, int(a)] = 1.0
+    return out.reshape(n_rows * n_cols, len(ATTRIBUTES))
+
+
+class DenseHead(torch.nn.Module):
+    """Per image token: attribute logits (multi-label) and the cell's column / row."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.attributes = torch.nn.Linear(hidden, len(ATTRIBUTES))
+        self.position = torch.nn.Linear(hidden, 2 * MAX_CELLS_PER_AXIS)
+
+    def forward(self, hidden: torch.Tensor, image_spans: torch.Tensor,
+                image_grid_thw: torch.Tensor, labels: torch.Tensor, merge: int) -> torch.Tensor:
+        """hidden [B, S, H] (last layer); image_spans [B, 2] (start, count); labels [B, N, A]
+        (`cell_targets` rows, padded) -> attribute BCE (summed over attributes / 3) + 0.5 x
+        the column and row CE, mean over the images."""
+        losses = []
+        for b, (n_rows, n_cols) in enumerate(batch_grids(image_grid_thw, merge)):
+            start, count = (int(v) for v in image_spans[b])
+            if n_rows * n_cols != count or max(n_rows, n_cols) > MAX_CELLS_PER_AXIS:
+                raise InputError(f"image tokens {count} do not form a {n_rows}x{n_cols} grid")
+            states = hidden[b, start:start + count]
+            attr = F.binary_cross_entropy_with_logits(self.attributes(states),
+                                                      labels[b, :count].to(states.dtype))
+            pos = self.position(states).view(count, 2, MAX_CELLS_PER_AXIS)
+            cells = torch.arange(count, device=states.device)
+            where = (F.cross_entropy(pos[:, 0], cells % n_cols)
+                     + F.cross_entropy(pos[:, 1], cells // n_cols))
+            losses.append(attr * len(ATTRIBUTES) / 3 + 0.5 * where)
+        return torch.stack(losses).mean() if losses else hidden.sum() * 0
+
+
+def batch_labels(object_rows_per_sample: list[list[list[float]]],
+                 image_grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """[B, max cells, A] float32 `cell_targets` of each sample's grid, zero-padded."""
+    grids = batch_grids(image_grid_thw, merge)
+    width = max(r * c for r, c in grids)
+    out = torch.zeros((len(grids), width, len(ATTRIBUTES)), dtype=torch.float32)
+    for b, (rows, grid) in enumerate(zip(object_rows_per_sample, grids)):
+        out[b, :grid[0] * grid[1]] = torch.from_numpy(cell_targets(rows, grid))
+    return out
+
+
+def batch_grids(image_grid_thw: torch.Tensor, merge: int) -> list[tuple[int, int]]:
+    """(rows, cols) of merged tokens per image."""
+    return [(int(h) // merge, int(w) // merge) for _t, h, w in image_grid_thw.tolist()]
+
+
+def describe(rows: list[list[float]]) -> list[dict[str, Any]]:
+    """Object rows as readable dicts (debugging / tests)."""
+    return [{"box": r[:4], "attributes": [ATTRIBUTES[int(a)] for a in r[4:]]} for r in rows]

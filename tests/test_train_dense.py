@@ -1,0 +1,105 @@
+"""Dense per-image-token supervision of the GSE stage (finers_rt.train.dense)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from finers_rt.errors import InputError  # noqa: E402
+from finers_rt.synth import generate_scene, scene_objects  # noqa: E402
+from finers_rt.train import dense  # noqa: E402
+from finers_rt.train.data import StageSizes  # noqa: E402
+
+SIZES = StageSizes(gse_size_wh=(112, 84), lpr_size_wh=(56, 56), scene_size_wh=(640, 360),
+                   region_side=256, crop_min_side=128)
+
+
+@pytest.fixture(scope="module")
+def dense_cache(tmp_path_factory):
+    from finers_rt.train.data import build_cache
+
+    return build_cache(tmp_path_factory.mktemp("cache"), seed=5, n_scenes=3, sizes=SIZES)
+
+
+def test_scene_objects_are_the_generated_scene():
+    _image, records = generate_scene(9, 2, (640, 360))
+    objs = scene_objects(9, 2, (640, 360))
+    for record in records:
+        pts = np.asarray(record["points"])
+        assert sum(np.array_equal(o.points_xy, pts) for o in objs) == 1
+
+
+def test_cell_targets_mark_the_cells_an_object_box_overlaps():
+    red, star, dotted = (dense.ATTRIBUTES.index(v) for v in ("red", "star", "dotted"))
+    rows = [[0.30, 0.10, 0.45, 0.20, red, star, dotted]]  # columns 3..4 of 10, row 0 of 5
+    cells = dense.cell_targets(rows, (5, 10)).reshape(5, 10, -1)
+    hit = cells.any(-1)
+    assert hit.sum() == 2 and hit[0, 3] and hit[0, 4]
+    assert set(np.flatnonzero(cells[0, 3])) == {red, star, dotted}
+    tiny = dense.cell_targets([[0.51, 0.51, 0.52, 0.52, red, star, dotted]], (5, 10))
+    assert tiny.reshape(5, 10, -1).any(-1).sum() == 1  # an object inside one cell marks one
+
+
+def test_scene_objects_file_is_built_once_and_matches_the_records(dense_cache):
+    table = dense.ensure_scene_objects(dense_cache)
+    assert (dense_cache / dense.OBJECTS_FILE).is_file()
+    info = json.loads((dense_cache / "records.json").read_text())
+    for entry in info["entries"]:
+        rows = table[dense.scene_index(entry["record"]["image_path"])]
+        xs = [p[0] / 640 for p in entry["record"]["points"]]
+        assert any(r[0] <= min(xs) + 1e-9 and max(xs) < r[2] + 1e-9 for r in rows)
+    assert dense.ensure_scene_objects(dense_cache) == table  # read back, not rebuilt
+
+
+def test_dense_head_loss_is_finite_and_learns(dense_cache):
+    from finers_rt.export.checkpoints import load_processor
+    from finers_rt.train.batch import Collator
+    from finers_rt.train.data import SampleCache
+    from finers_rt.train.model import make_initial_checkpoint
+    from finers_rt.train.sft import stage_example
+
+    src = dense_cache / "model"
+    make_initial_checkpoint(src, "test", seed=0)
+    collator = Collator(load_processor(src))
+    cache = SampleCache(dense_cache)
+    examples = [stage_example(cache, "gse", i) for i in range(2)]
+    batch = collator(*(list(col) for col in zip(*examples)))
+    merge = collator.vision.merge_size
+    labels = dense.batch_labels([cache.object_rows(i) for i in range(2)], batch.image_grid_thw, merge)
+    assert labels.shape[0] == 2 and labels.sum() > 0
+    hidden = torch.randn(2, batch.input_ids.shape[1], 16, requires_grad=False)
+    head = dense.DenseHead(16)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    losses = []
+    for _ in range(30):
+        loss = head(hidden, batch.image_spans, batch.image_grid_thw, labels, merge)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all() and losses[-1] < 0.7 * losses[0]
+    bad = batch.image_spans.clone()
+    bad[0, 1] += 1
+    with pytest.raises(InputError, match="do not form"):
+        head(hidden, bad, batch.image_grid_thw, labels, merge)
+
+
+def test_sft_with_dense_loss_runs_saves_and_resumes(dense_cache, tmp_path):
+    from finers_rt.train.sft import SftConfig, train_sft
+
+    cfg = dict(stage="gse", cache_dir=str(dense_cache), out_dir=str(tmp_path / "run"), init="test",
+               steps=3, batch_size=2, lr=3e-3, warmup=1, save_every=3, log_every=1, seed=1,
+               dense_weight=1.0)
+    train_sft(SftConfig(**cfg), log=lambda m: None)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(r["dense"] > 0 for r in log)
+    state = torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=False)
+    assert "dense" in state
+    result = train_sft(SftConfig(**{**cfg, "steps": 4}), log=lambda m: None)
+    assert result["step"] == 4
+    with pytest.raises(InputError, match="stage gse only"):
+        SftConfig(**{**cfg, "stage": "lpr"})
