@@ -74,8 +74,13 @@ def bench_cmd(
     attn: str = typer.Option("auto", "--attn", help="Reference attention: auto (fastest of sdpa/eager), sdpa or eager."),
     json_out: str = typer.Option(None, "--json", help="Write the full record (per-stage numbers, environment, speedups) to FILE."),
     plot: str = typer.Option(None, "--plot", help="Write a PNG of per-stage p50 times to FILE."),
+    peer: str = typer.Option(None, "--peer", help="'genai': decode loop of onnxruntime-genai (optional install) on the same decoder graph, text prompt, greedy (bench/README.md); only this runs."),
+    peer_stage: str = typer.Option(None, "--peer-stage", help="VLM stage folder for --peer (default: the shipped finers-tiny gse)."),
 ) -> None:
     """Per-stage latency, memory and output agreement of finers-rt against the torch reference."""
+    if peer is not None:
+        _bench_peer(peer, peer_stage, max_new_tokens, iters, warmup, threads, json_out)
+        return
     from rich.console import Console
 
     from finers_rt.bench import BenchOptions, bench_command_line, save_json
@@ -103,6 +108,30 @@ def bench_cmd(
         typer.echo(f"wrote {json_out}", err=True)
     if plot:
         typer.echo(f"wrote {write_plot(result, plot)}", err=True)
+
+
+def _bench_peer(peer: str, stage: str | None, max_new_tokens: int | None, iters: int, warmup: int,
+                threads: int | None, json_out: str | None) -> None:
+    from finers_rt.bench import save_json
+    from finers_rt.bench_genai import command_line, compare
+    from finers_rt.errors import InputError
+    from finers_rt.pipeline import default_bundle_path
+
+    if peer != "genai":
+        raise InputError(f"--peer must be 'genai', got '{peer}'")
+    stage = stage or str(default_bundle_path() / "gse")
+    tokens, threads = max_new_tokens or 32, threads or 1
+    result = compare(stage, max_new_tokens=tokens, iters=iters, warmup=warmup, threads=threads,
+                     log=lambda m: typer.echo(m, err=True))
+    result["command"] = command_line(stage, tokens, iters, warmup, threads, json_out)
+    for name, side in result["sides"].items():
+        typer.echo(f"{name:10s} prefill p50 {side['prefill_ms']['p50']:8.2f} ms   decode p50 "
+                   f"{side['decode_ms_per_token']['p50']:8.3f} ms/token")
+    typer.echo(f"tokens equal: {result['tokens_equal']}   prefill logits max |diff|: "
+               f"{result['prefill_logits_max_abs_diff']:.3g}   load average: {result['environment']['loadavg_at_end']}")
+    if json_out:
+        save_json(result, json_out)
+        typer.echo(f"wrote {json_out}", err=True)
 
 
 # -- score (finers_rt.metrics) --

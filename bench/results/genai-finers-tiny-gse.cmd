@@ -1,0 +1,2 @@
+# onnxruntime-genai 0.18.0 peer (--no-deps into a --system-site-packages venv, onnxruntime 1.32.0 unchanged) on the shipped finers-tiny GSE decoder (int8, kv_cache shared); text prompt, greedy, eos masked on both sides, 1 thread; NOT pinned: 2 training processes were busy on both cores (load average ~2.1-2.7), run with nice -n 10
+nice -n 10 /tmp/genai-venv/bin/python -m finers_rt.cli bench --peer genai --peer-stage engines/finers-tiny/gse --max-new-tokens 64 --iters 5 --warmup 1 --threads 1 --json bench/results/genai-finers-tiny-gse.json
