@@ -6,8 +6,10 @@
 The run is resumable (RUN_DIR/checkpoint + trainer_state.pt; see `checkpoint.py`), seeded
 (sampling, dropout-free model, torch RNG all restored on resume), logs loss / lr / ETA and
 writes RUN_DIR/checkpoint as an HF Qwen2.5-VL folder that `finers-rt export` takes.
-Losses: text CE on the answer tokens, a soft (Gaussian) CE on coordinate tokens, and a
-training-only pointer loss (`batch.PointerHead`) on the LM's image-token states.
+Losses: text CE on the answer tokens, a soft (Gaussian) CE on coordinate tokens, a
+training-only pointer loss (`batch.PointerHead`) on the LM's image-token states, for pointer
+models the in-model pointer's axis loss, and for GSE optionally the training-only dense
+per-image-token loss (`dense.DenseHead`, `--dense-weight`).
 """
 
 from __future__ import annotations
