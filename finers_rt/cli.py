@@ -381,6 +381,30 @@ train_app.command("gse")(_sft_command("gse"))
 train_app.command("lpr")(_sft_command("lpr"))
 
 
+@train_app.command("vision")
+def train_vision_cmd(
+    init: str = typer.Option(..., "--init", help="HF checkpoint folder (a GSE stage) whose vision tower is trained."),
+    cache: str = typer.Option(..., "--cache", help="Training cache folder (finers-rt train cache)."),
+    out: str = typer.Option(..., "--out", help="Run folder (checkpoint/, trainer_state.pt, log.jsonl); resumed if it has a state."),
+    steps: int = typer.Option(1000, "--steps", help="Total optimizer steps."),
+    batch_size: int = typer.Option(8, "--batch-size", help="GSE images per step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate (constant)."),
+    save_every: int = typer.Option(100, "--save-every", help="Checkpoint (and held-out eval) every N steps."),
+    eval_cache: str = typer.Option(None, "--eval-cache", help="Held-out cache folder: per-cell colour/shape/pattern accuracy at every save."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the head init and sampling."),
+    threads: int = typer.Option(1, "--threads", help="torch threads."),
+    time_limit: float = typer.Option(0.0, "--time-limit", help="Save and stop after this many seconds (0 = no limit)."),
+) -> None:
+    """Dense pre-training of the vision tower: per image token, which colours / shapes / patterns
+    its cell holds (resumable); continue with `train gse --init OUT/checkpoint`."""
+    vision = _train_module("vision", "finers-rt train vision")
+    cfg = vision.VisionConfig(cache_dir=cache, out_dir=out, init=init, steps=steps, batch_size=batch_size,
+                              lr=lr, save_every=save_every, eval_cache=eval_cache, seed=seed,
+                              threads=threads, time_limit_s=time_limit)
+    result = vision.train_vision(cfg, log=typer.echo)
+    typer.echo(f"vision: step {result['step']}, loss {result['loss']:.3f} -> {result['checkpoint']}")
+
+
 @train_app.command("sam")
 def train_sam_cmd(
     cache: str = typer.Option(..., "--cache", help="Training cache folder (finers-rt train cache)."),

@@ -103,3 +103,28 @@ def test_sft_with_dense_loss_runs_saves_and_resumes(dense_cache, tmp_path):
     assert result["step"] == 4
     with pytest.raises(InputError, match="stage gse only"):
         SftConfig(**{**cfg, "stage": "lpr"})
+
+
+def test_vision_pretraining_learns_saves_and_resumes(dense_cache, tmp_path):
+    from finers_rt.train.model import make_initial_checkpoint
+    from finers_rt.train.vision import VisionConfig, train_vision
+
+    init = tmp_path / "init"
+    make_initial_checkpoint(init, "test", seed=0)
+    cfg = dict(cache_dir=str(dense_cache), out_dir=str(tmp_path / "run"), init=str(init), steps=4,
+               batch_size=2, lr=3e-3, save_every=2, log_every=1, eval_cache=str(dense_cache),
+               eval_images=2, seed=0)
+    result = train_vision(VisionConfig(**cfg), log=lambda m: None)
+    assert result["step"] == 4 and set(result["eval"]) == {"colour", "shape", "pattern"}
+    from safetensors.torch import load_file
+
+    before = load_file(str(init / "model.safetensors"))
+    after = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("visual" in k for k in changed)  # only the vision tower moves
+    messages = []
+    result = train_vision(VisionConfig(**{**cfg, "steps": 6}), log=messages.append)
+    assert result["step"] == 6 and messages[0].startswith("resumed")
+    with pytest.raises(InputError, match="--init must be"):
+        train_vision(VisionConfig(**{**cfg, "out_dir": str(tmp_path / "o2"), "init": str(tmp_path)}),
+                     log=lambda m: None)
