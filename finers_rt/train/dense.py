@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -131,7 +130,3 @@ def batch_grids(image_grid_thw: torch.Tensor, merge: int) -> list[tuple[int, int
     """(rows, cols) of merged tokens per image."""
     return [(int(h) // merge, int(w) // merge) for _t, h, w in image_grid_thw.tolist()]
 
-
-def describe(rows: list[list[float]]) -> list[dict[str, Any]]:
-    """Object rows as readable dicts (debugging / tests)."""
-    return [{"box": r[:4], "attributes": [ATTRIBUTES[int(a)] for a in r[4:]]} for r in rows]
