@@ -42,9 +42,19 @@ def test_cell_targets_mark_the_cells_an_object_box_overlaps():
     assert set(np.flatnonzero(cells[0, 3])) == {red, star, dotted}
     tiny = dense.cell_targets([[0.51, 0.51, 0.52, 0.52, red, star, dotted]], (5, 10))
     assert tiny.reshape(5, 10, -1).any(-1).sum() == 1  # an object inside one cell marks one
+    edge = dense.cell_targets([[0.95, 0.9, 1.0, 1.0, red, star, dotted]], (5, 10))
+    assert edge.reshape(5, 10, -1).any(-1).sum() == 1  # touching the right/bottom border: last cell
+    fields = [range(len(dense.ATTRIBUTES))[g] for _n, g in dense.ATTRIBUTE_GROUPS]
+    assert [v for f in fields for v in f] == list(range(len(dense.ATTRIBUTES)))
+    assert dense.ATTRIBUTES[fields[1][0]] == "circle" and dense.ATTRIBUTES[fields[2][0]] == "solid"
+    logits = np.zeros((2, len(dense.ATTRIBUTES)), dtype=np.float32)
+    labels = np.zeros_like(logits)
+    labels[0, red], labels[1, dense.ATTRIBUTES.index("blue")] = 1, 1
+    logits[:, red] = 1.0  # red everywhere: right on the red cell, wrong on the blue one
+    assert dense.attribute_accuracy(logits, labels)["colour"] == 0.5
 
 
-def test_scene_objects_file_is_built_once_and_matches_the_records(dense_cache):
+def test_scene_objects_file_is_built_once_and_matches_the_records(dense_cache, monkeypatch):
     table = dense.ensure_scene_objects(dense_cache)
     assert (dense_cache / dense.OBJECTS_FILE).is_file()
     info = json.loads((dense_cache / "records.json").read_text())
@@ -52,7 +62,11 @@ def test_scene_objects_file_is_built_once_and_matches_the_records(dense_cache):
         rows = table[dense.scene_index(entry["record"]["image_path"])]
         xs = [p[0] / 640 for p in entry["record"]["points"]]
         assert any(r[0] <= min(xs) + 1e-9 and max(xs) < r[2] + 1e-9 for r in rows)
-    assert dense.ensure_scene_objects(dense_cache) == table  # read back, not rebuilt
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("scene objects were rebuilt instead of read back")
+
+    monkeypatch.setattr(dense, "scene_objects", no_rebuild)
+    assert dense.ensure_scene_objects(dense_cache) == table
 
 
 def test_dense_head_loss_is_finite_and_learns(dense_cache):

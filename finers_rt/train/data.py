@@ -245,13 +245,20 @@ class SampleCache:
         self.folder = folder
         self._objects: dict[int, list[list[float]]] | None = None
 
-    def object_rows(self, index: int) -> list[list[float]]:
-        """Every object of entry `index`'s scene (`train.dense.object_rows`), built on first use."""
+    def scene_objects(self, log=None) -> dict[int, list[list[float]]]:
+        """{scene index: object rows} of this cache (`train.dense.ensure_scene_objects`: built
+        and saved on first use, then read once)."""
         from finers_rt.train import dense
 
         if self._objects is None:
-            self._objects = dense.ensure_scene_objects(self.folder)
-        return self._objects[dense.scene_index(self.entries[index]["record"]["image_path"])]
+            self._objects = dense.ensure_scene_objects(self.folder, log)
+        return self._objects
+
+    def object_rows(self, index: int) -> list[list[float]]:
+        """Every object of entry `index`'s scene (`train.dense.object_rows`)."""
+        from finers_rt.train import dense
+
+        return self.scene_objects()[dense.scene_index(self.entries[index]["record"]["image_path"])]
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -23,9 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from finers_rt.errors import InputError
-from finers_rt.synth import COLORS, PATTERNS, SHAPES
+from finers_rt.synth import COLORS, PATTERNS, SHAPES, scene_objects
 
 ATTRIBUTES = tuple(COLORS) + SHAPES + PATTERNS
+# (name, slice of ATTRIBUTES) of each attribute field
+ATTRIBUTE_GROUPS = (("colour", slice(0, len(COLORS))),
+                    ("shape", slice(len(COLORS), len(COLORS) + len(SHAPES))),
+                    ("pattern", slice(len(COLORS) + len(SHAPES), len(ATTRIBUTES))))
 MAX_CELLS_PER_AXIS = 64
 OBJECTS_FILE = "scene_objects.json"
 _SCENE_INDEX = re.compile(r"(\d+)")
@@ -53,8 +57,6 @@ def object_rows(objs, scene_wh: tuple[int, int]) -> list[list[float]]:
 
 def ensure_scene_objects(cache_dir: str | Path, log=None) -> dict[int, list[list[float]]]:
     """{scene index: object rows} of a training cache, built on first use and saved."""
-    from finers_rt.synth import scene_objects
-
     folder = Path(cache_dir)
     path = folder / OBJECTS_FILE
     if path.is_file():
@@ -79,11 +81,33 @@ def cell_targets(rows: list[list[float]], grid_rc: tuple[int, int]) -> np.ndarra
     n_rows, n_cols = grid_rc
     out = np.zeros((n_rows, n_cols, len(ATTRIBUTES)), dtype=np.float32)
     for x1, y1, x2, y2, *attrs in rows:
-        c1, c2 = int(x1 * n_cols), min(n_cols - 1, int(np.ceil(x2 * n_cols)) - 1)
-        r1, r2 = int(y1 * n_rows), min(n_rows - 1, int(np.ceil(y2 * n_rows)) - 1)
-        for a in attrs:
-            out[r1:r2 + 1, c1:max(c1, c2) + 1, int(a)] = 1.0
+        c1, c2 = _cell_span(x1, x2, n_cols)
+        r1, r2 = _cell_span(y1, y2, n_rows)
+        out[r1:r2 + 1, c1:c2 + 1, [int(a) for a in attrs]] = 1.0
     return out.reshape(n_rows * n_cols, len(ATTRIBUTES))
+
+
+def _cell_span(lo: float, hi: float, n: int) -> tuple[int, int]:
+    """First and last of `n` cells that the half-open fraction interval [lo, hi) overlaps."""
+    first = min(n - 1, int(lo * n))
+    return first, max(first, min(n - 1, int(np.ceil(hi * n)) - 1))
+
+
+def attribute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multi-label BCE over the attributes, scaled to a sum over attributes / 3 (the three
+    fields), so it reads like one CE per field."""
+    return (F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            * len(ATTRIBUTES) / len(ATTRIBUTE_GROUPS))
+
+
+def attribute_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Per field: argmax accuracy over the cells holding exactly one value of that field."""
+    out = {}
+    for name, group in ATTRIBUTE_GROUPS:
+        one = labels[:, group].sum(1) == 1
+        out[name] = (float((logits[one, group].argmax(1) == labels[one, group].argmax(1)).mean())
+                     if one.any() else 0.0)
+    return out
 
 
 class DenseHead(torch.nn.Module):
@@ -97,7 +121,7 @@ class DenseHead(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, image_spans: torch.Tensor,
                 image_grid_thw: torch.Tensor, labels: torch.Tensor, merge: int) -> torch.Tensor:
         """hidden [B, S, H] (last layer); image_spans [B, 2] (start, count); labels [B, N, A]
-        (`cell_targets` rows, padded) -> attribute BCE (summed over attributes / 3) + 0.5 x
+        (`cell_targets` rows, padded) -> `attribute_loss` + 0.5 x
         the column and row CE, mean over the images."""
         losses = []
         for b, (n_rows, n_cols) in enumerate(batch_grids(image_grid_thw, merge)):
@@ -105,13 +129,12 @@ class DenseHead(torch.nn.Module):
             if n_rows * n_cols != count or max(n_rows, n_cols) > MAX_CELLS_PER_AXIS:
                 raise InputError(f"image tokens {count} do not form a {n_rows}x{n_cols} grid")
             states = hidden[b, start:start + count]
-            attr = F.binary_cross_entropy_with_logits(self.attributes(states),
-                                                      labels[b, :count].to(states.dtype))
+            attr = attribute_loss(self.attributes(states), labels[b, :count])
             pos = self.position(states).view(count, 2, MAX_CELLS_PER_AXIS)
             cells = torch.arange(count, device=states.device)
             where = (F.cross_entropy(pos[:, 0], cells % n_cols)
                      + F.cross_entropy(pos[:, 1], cells // n_cols))
-            losses.append(attr * len(ATTRIBUTES) / 3 + 0.5 * where)
+            losses.append(attr + 0.5 * where)
         return torch.stack(losses).mean() if losses else hidden.sum() * 0
 
 

@@ -224,7 +224,7 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     pointer = PointerHead(model.config.text_config.hidden_size)
     cells = dense.DenseHead(model.config.text_config.hidden_size)
     if cfg.dense_weight > 0 and rank == 0:
-        dense.ensure_scene_objects(cfg.cache_dir, log)
+        cache.scene_objects(log)  # built once by rank 0; the other ranks read it after the barrier
     if cfg.dense_weight > 0 and world > 1:
         torch.distributed.barrier()
     heads = torch.nn.ModuleDict({"pointer": pointer, "dense": cells}).to(cfg.device)

@@ -19,17 +19,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from finers_rt.errors import InputError
 from finers_rt.image import preprocess_image
 from finers_rt.train import checkpoint as ckpt
 from finers_rt.train import dense
 from finers_rt.train.data import SampleCache
-
-# (name, slice of dense.ATTRIBUTES) for the held-out accuracies
-ATTRIBUTE_GROUPS = (("colour", slice(0, 10)), ("shape", slice(10, 19)), ("pattern", slice(19, 23)))
-
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -70,23 +65,14 @@ def _vision_features(visual, pixels: torch.Tensor, grid: torch.Tensor) -> torch.
 def image_batch(cache: SampleCache, indices, vision_cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pixel patches, grid_thw [B, 3], labels [sum cells, A]) of the GSE images of `indices`."""
     pixels, grids, labels = [], [], []
+    merge = vision_cfg.merge_size
     for i in indices:
         patches, grid = preprocess_image(np.ascontiguousarray(cache.gse_images[int(i)]), vision_cfg)
-        merge = vision_cfg.merge_size
         pixels.append(torch.from_numpy(patches))
         grids.append(grid)
         labels.append(torch.from_numpy(dense.cell_targets(cache.object_rows(int(i)),
                                                           (grid[1] // merge, grid[2] // merge))))
     return torch.cat(pixels), torch.tensor(grids, dtype=torch.long), torch.cat(labels)
-
-
-def attribute_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Per group: argmax accuracy over the cells holding exactly one value of that group."""
-    out = {}
-    for name, group in ATTRIBUTE_GROUPS:
-        one = labels[:, group].sum(1) == 1
-        out[name] = float((logits[one, group].argmax(1) == labels[one, group].argmax(1)).mean()) if one.any() else 0.0
-    return out
 
 
 def train_vision(cfg: VisionConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -104,7 +90,7 @@ def train_vision(cfg: VisionConfig, log: Callable[[str], None] = print) -> dict[
     src = run_dir / "checkpoint" if state is not None else Path(cfg.init)
     if not (src / "config.json").is_file():
         raise InputError(f"--init must be an HF checkpoint folder, got '{cfg.init}'")
-    dense.ensure_scene_objects(cfg.cache_dir, log)
+    cache.scene_objects(log)
     model = load_vlm(src, dtype=torch.float32, attn_implementation="sdpa")
     visual = model.model.visual
     vision_cfg = Collator(load_processor(src)).vision
@@ -122,15 +108,14 @@ def train_vision(cfg: VisionConfig, log: Callable[[str], None] = print) -> dict[
         log(f"resumed {run_dir} at step {step}")
     held_out = None
     if cfg.eval_cache:
-        dense.ensure_scene_objects(cfg.eval_cache, log)
         eval_cache = SampleCache(cfg.eval_cache)
+        eval_cache.scene_objects(log)
         held_out = image_batch(eval_cache, range(min(cfg.eval_images, len(eval_cache))), vision_cfg)
     visual.train()
     t0, done0, loss_ema, metrics = time.time(), step, None, {}
     while step < cfg.steps:
         pixels, grid, labels = image_batch(cache, rng.choice(len(cache), cfg.batch_size), vision_cfg)
-        loss = (F.binary_cross_entropy_with_logits(head(_vision_features(visual, pixels, grid)), labels)
-                * len(dense.ATTRIBUTES) / 3)
+        loss = dense.attribute_loss(head(_vision_features(visual, pixels, grid)), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -155,7 +140,7 @@ def train_vision(cfg: VisionConfig, log: Callable[[str], None] = print) -> dict[
                 with torch.no_grad():
                     logits = head(_vision_features(visual, held_out[0], held_out[1])).numpy()
                 visual.train()
-                metrics = attribute_accuracy(logits, held_out[2].numpy())
+                metrics = dense.attribute_accuracy(logits, held_out[2].numpy())
                 ckpt.append_log(run_dir, {"step": step, "eval": metrics})
                 log(f"[vision] held-out at step {step}: "
                     + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
