@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,18 +38,18 @@ from typing import Any
 import numpy as np
 
 from finers_rt.decoding import DecodeLoop
-from finers_rt.errors import EngineProfileError
+from finers_rt.errors import InputError, ManifestError
 
 CHAT_TEXT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{text}"
              "<|im_end|>\n<|im_start|>assistant\n")
 
 
 def import_genai():
-    """`onnxruntime_genai`, or an EngineProfileError saying how to install it (it is optional)."""
+    """`onnxruntime_genai`, or an InputError saying how to install it (it is optional)."""
     try:
         import onnxruntime_genai as og
     except ImportError:
-        raise EngineProfileError("the genai peer needs onnxruntime-genai (optional, not a finers-rt "
+        raise InputError("the genai peer needs onnxruntime-genai (optional, not a finers-rt "
                                  "dependency): pip install onnxruntime-genai --no-deps, or into a venv "
                                  "made with --system-site-packages, so that onnxruntime stays as it is") from None
     return og
@@ -66,7 +65,7 @@ def _adapted_decoder(src: Path, dst: Path) -> None:
     graph = model.graph
     names = {i.name for i in graph.input}
     if not {"seqlens_k", "total_sequence_length", "inputs_embeds"} <= names:
-        raise EngineProfileError(f"{src}: the genai peer needs a kv_cache 'shared' decoder (GroupQueryAttention "
+        raise ManifestError(f"{src}: the genai peer needs a kv_cache 'shared' decoder (GroupQueryAttention "
                                  f"inputs seqlens_k / total_sequence_length), got inputs {sorted(names)}")
     logits = next(o for o in graph.output if o.name == "logits")
     vocab = logits.type.tensor_type.shape.dim[-1].dim_value
@@ -142,7 +141,8 @@ def genai_model_dir(stage, out_dir: str | os.PathLike, threads: int = 1, max_len
     """Write a genai model folder for `stage` (a loaded `VlmStage`, kv_cache "shared") into
     `out_dir`: adapted decoder, embedding graph, linked vision graph, `genai_config.json`."""
     if stage.kv_cache != "shared":
-        raise EngineProfileError(f"{stage.folder}: the genai peer needs a kv_cache 'shared' stage, got '{stage.kv_cache}'")
+        raise InputError(f"{stage.folder}: the genai peer needs a kv_cache 'shared' stage (export with "
+                         f"--kv-cache shared), got '{stage.kv_cache}'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     graphs = stage.manifest.graphs
@@ -192,6 +192,11 @@ class _EosMaskedLoop(DecodeLoop):
     """`DecodeLoop` with the eos logits at -inf (genai's `min_length` does the same), so both
     sides run exactly `max_new` tokens. Masks in place: the logits are the step's own array."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._eos_ids = np.array(sorted(self.eos), dtype=np.int64)
+        self.eos = set()  # never stops on eos: it cannot be picked
+
     def pick(self, logits: np.ndarray) -> np.ndarray:
         logits[:, self._eos_ids] = -np.inf
         return super().pick(logits)
@@ -208,9 +213,6 @@ def run_ours(stage, ids: np.ndarray, max_new: int, mask_eos: bool, keep_logits: 
     first_logits = np.array(logits[0]) if keep_logits else None
     loop_cls = _EosMaskedLoop if mask_eos else DecodeLoop
     loop = loop_cls(stage, buffer, ids, 0, None, 0.0, 1.0, None)
-    if mask_eos:
-        loop.eos = set()
-        loop._eos_ids = np.array(sorted(int(t) for t in stage.manifest.special_tokens.eos_token_ids))
     session_before = stage.decode_session_ms
     start = time.perf_counter()
     tokens, _ = loop.run(logits, max_new)
@@ -254,11 +256,13 @@ def compare(stage_dir: str | os.PathLike, text: str = "Where is the small red sq
     """genai against finers-rt on the decoder of the VLM stage folder `stage_dir` (module doc).
     Runs are interleaved (ours, genai, ours, ...). Returns a JSON-able record: per-side timings
     (p50 / all), both token lists of a natural run (eos on) and of the timed runs, `tokens_equal`."""
-    from finers_rt.bench import summarize
+    from finers_rt.bench import environment, summarize
     from finers_rt.config import BackendOptions
     from finers_rt.vlm import VlmStage
 
     og = import_genai()
+    env = environment(threads)
+    env["onnxruntime_genai"] = getattr(og, "__version__", "?")
     stage = VlmStage.load(stage_dir, BackendOptions(intra_op_threads=threads, inter_op_threads=1))
     ids = text_prompt_ids(stage, text)
     temp = None
@@ -292,12 +296,7 @@ def compare(stage_dir: str | os.PathLike, text: str = "Where is the small red sq
         sides[name]["tokens_per_run"] = len(items[0]["tokens"])
         sides[name]["all_runs_same_tokens"] = all(r["tokens"] == items[0]["tokens"] for r in items)
     ours, theirs = sides["finers_rt"], sides["genai"]
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    import onnxruntime
-
+    env["load_average_end"] = list(os.getloadavg())
     return {
         "kind": "genai-peer", "stage": str(Path(stage_dir)), "role": stage.manifest.role,
         "text": text, "prompt_tokens": int(ids.size), "max_new_tokens": int(max_new_tokens),
@@ -310,9 +309,7 @@ def compare(stage_dir: str | os.PathLike, text: str = "Where is the small red sq
         "natural_tokens": natural, "timed_tokens": timed_tokens,
         "decode_speedup_vs_genai": theirs["decode_ms_per_token"]["p50"] / ours["decode_ms_per_token"]["p50"],
         "prefill_speedup_vs_genai": theirs["prefill_ms"]["p50"] / ours["prefill_ms"]["p50"],
-        "environment": {"onnxruntime": onnxruntime.__version__, "onnxruntime_genai": getattr(og, "__version__", "?"),
-                        "python": platform.python_version(), "machine": platform.machine(),
-                        "cpu_count": os.cpu_count(), "loadavg_at_end": list(load) if load else None},
+        "environment": env,
     }
 
 

@@ -128,7 +128,7 @@ def _bench_peer(peer: str, stage: str | None, max_new_tokens: int | None, iters:
         typer.echo(f"{name:10s} prefill p50 {side['prefill_ms']['p50']:8.2f} ms   decode p50 "
                    f"{side['decode_ms_per_token']['p50']:8.3f} ms/token")
     typer.echo(f"tokens equal: {result['tokens_equal']}   prefill logits max |diff|: "
-               f"{result['prefill_logits_max_abs_diff']:.3g}   load average: {result['environment']['loadavg_at_end']}")
+               f"{result['prefill_logits_max_abs_diff']:.3g}   load average: {result['environment']['load_average_end']}")
     if json_out:
         save_json(result, json_out)
         typer.echo(f"wrote {json_out}", err=True)

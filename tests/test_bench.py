@@ -220,3 +220,15 @@ def test_session_time_counts_wrapped_runs_and_bound_shared_kv_steps():
     wrapped = side.timers["lpr"].decode_ms
     pipe.gse.decode_session_ms = 5.0  # steps run through the shared-KV binding
     assert side._session_ms() == pytest.approx(wrapped + 5.0)
+
+
+def test_genai_peer_without_genai_is_a_clear_error():
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        pytest.skip("onnxruntime_genai is installed here")
+    from finers_rt.bench_genai import import_genai
+    from finers_rt.errors import InputError
+
+    with pytest.raises(InputError, match="pip install onnxruntime-genai"):
+        import_genai()
