@@ -55,11 +55,10 @@ class VisionConfig:
 
 
 def _vision_features(visual, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Merged-token features [N, hidden] of the HF vision tower (tensor or model output)."""
+    """Merged-token features [N, hidden] of the HF vision tower (a tensor, or an output object
+    with `pooler_output` in newer transformers; as `export.validate` reads it)."""
     out = visual(pixels, grid_thw=grid)
-    if hasattr(out, "pooler_output"):
-        return out.pooler_output
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return getattr(out, "pooler_output", out)
 
 
 def image_batch(cache: SampleCache, indices, vision_cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
