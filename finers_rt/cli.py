@@ -324,14 +324,18 @@ def train_cache_cmd(
     lpr_crops: int = typer.Option(2, "--lpr-crops", help="Random pipeline-like crops per question."),
     gse_size: str = typer.Option("644x364", "--gse-size", help="GSE stage size WxH."),
     lpr_size: str = typer.Option("336x336", "--lpr-size", help="LPR stage size WxH."),
+    extra_questions: int = typer.Option(0, "--extra-questions", min=0,
+                                        help="Up to this many more questions per scene about further distinct targets "
+                                             "(same type/attribute mix; the scene and its own questions are unchanged)."),
 ) -> None:
     """Render synthetic scenes into a training cache of GSE/LPR/SAM samples."""
     data = _train_module("data", "finers-rt train cache")
     from finers_rt.synth import parse_size_wh
 
     sizes = data.StageSizes(gse_size_wh=parse_size_wh(gse_size), lpr_size_wh=parse_size_wh(lpr_size))
-    out = data.build_cache(out_dir, seed, n_scenes, sizes, lpr_crops=lpr_crops, log=typer.echo)
-    typer.echo(f"cache -> {out}")
+    out = data.build_cache(out_dir, seed, n_scenes, sizes, lpr_crops=lpr_crops, log=typer.echo,
+                           extra_questions=extra_questions)
+    typer.echo(f"cache -> {out} ({len(data.SampleCache(out))} samples)")
 
 
 def _sft_command(stage: str):

@@ -62,6 +62,21 @@ def test_scene_is_deterministic_and_seed_dependent():
     assert not np.array_equal(img_a, img_d)
 
 
+def test_extra_questions_keep_the_scene_and_ask_about_other_targets():
+    img, base = generate_scene(5, 3, SMALL)
+    img_x, recs = generate_scene(5, 3, SMALL, extra_questions=6)
+    assert np.array_equal(img, img_x) and recs[:len(base)] == base
+    assert len(recs) > len(base)
+    targets = [tuple(map(tuple, r["points"])) for r in recs]
+    assert len(set(targets)) == len(targets)  # every question has its own target
+    for r in recs:
+        assert r["Q-type"] in QTYPE_MIX and r["attribute"] in ATTRIBUTE_MIX and r["Q"]
+    assert generate_scene(5, 3, SMALL, extra_questions=6)[1] == recs
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InputError, match="extra_questions"):
+            generate_scene(5, 3, SMALL, extra_questions=bad)
+
+
 def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes()
             for p in sorted(root.rglob("*")) if p.is_file()}

@@ -145,6 +145,33 @@ def tiny_cache(tmp_path_factory):
     return build_cache(tmp_path_factory.mktemp("cache"), seed=3, n_scenes=3, sizes=SIZES)
 
 
+def test_cache_shares_one_gse_image_per_scene(tmp_path):
+    from finers_rt.train.data import SampleCache, build_cache
+    from finers_rt.train.sft import stage_example
+
+    folder = build_cache(tmp_path / "c", seed=3, n_scenes=2, sizes=SIZES, lpr_crops=1,
+                         extra_questions=4)
+    cache = SampleCache(folder)
+    rows = [e["gse_row"] for e in cache.entries]
+    assert cache.gse_images.shape[0] == 2 and sorted(set(rows)) == [0, 1]
+    assert len(cache) > 2 and cache.lpr_images.shape[0] == len(cache)
+    scene_of = {e["record"]["image_path"]: e["gse_row"] for e in cache.entries}
+    assert len(scene_of) == 2  # one row per scene, shared by all of its questions
+    image, _, target, _ = stage_example(cache, "gse", len(cache) - 1)
+    assert image.shape == (SIZES.gse_size_wh[1], SIZES.gse_size_wh[0], 3) and "bbox" in target
+    # a cache of the older layout (one GSE row per entry, no gse_row) still reads
+    expected = [cache.gse_image(i).copy() for i in range(len(cache))]
+    info = json.loads((folder / "records.json").read_text())
+    for e in info["entries"]:
+        del e["gse_row"]
+    (folder / "records.json").write_text(json.dumps(info))
+    np.save(folder / "gse_images.npy", np.stack(expected))
+    old = SampleCache(folder)
+    assert all(np.array_equal(old.gse_image(i), expected[i]) for i in range(len(old)))
+    with pytest.raises(InputError, match="n_scenes"):
+        build_cache(tmp_path / "d", seed=3, n_scenes=0, sizes=SIZES)
+
+
 def _sft_config(cache, out, **kw):
     from finers_rt.train.sft import SftConfig
 
@@ -224,7 +251,7 @@ def test_checkpoint_loads_generates_and_exports(tiny_cache, tmp_path):
     train_sft(_sft_config(tiny_cache, out, stage="gse", steps=2), log=lambda m: None)
     model, processor = load_reference(out / "checkpoint")
     cache = SampleCache(tiny_cache)
-    texts, seqs, n_prompt = generate_texts(model, Collator(processor), np.asarray(cache.gse_images[0]),
+    texts, seqs, n_prompt = generate_texts(model, Collator(processor), cache.gse_image(0),
                                            "find it", max_new_tokens=4, num_samples=3, temperature=1.0)
     assert len(texts) == 3 and seqs.shape[1] <= n_prompt + 4
     metrics = evaluate_stage(model, Collator(processor), cache, "gse", limit=1)

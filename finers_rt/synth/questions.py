@@ -284,13 +284,15 @@ def make_question(q_type: str, attribute: str, t: int, objs: list[SceneObject],
 
 
 def ask_questions(objs: list[SceneObject], size_wh: tuple[int, int], n: int,
-                  rng: np.random.Generator) -> list[Question]:
+                  rng: np.random.Generator, exclude: set[int] | frozenset[int] = frozenset()
+                  ) -> list[Question]:
     """Up to n questions about distinct targets; type and attribute drawn from QTYPE_MIX and
     ATTRIBUTE_MIX. Every free object is tried as the target before the type and attribute
-    are redrawn, so hard-to-word kinds (position) keep their share."""
+    are redrawn, so hard-to-word kinds (position) keep their share. Objects whose index is in
+    `exclude` are never targets (questions already asked about them elsewhere)."""
     q_types, q_p = list(QTYPE_MIX), list(QTYPE_MIX.values())
     attrs, a_p = list(ATTRIBUTE_MIX), list(ATTRIBUTE_MIX.values())
-    used: set[int] = set()
+    used: set[int] = set(exclude)
     out: list[Question] = []
     for _ in range(n):
         for _attempt in range(4):

@@ -125,20 +125,31 @@ def annotation_record(obj: SceneObject, q_type: str, attribute: str, question: s
     return record
 
 
-def render_scene_bgr(seed: int, index: int, size_wh: tuple[int, int]
+EXTRA_QUESTION_STREAM = 11  # SeedSequence([seed, index, 11]) draws a scene's extra questions
+
+
+def render_scene_bgr(seed: int, index: int, size_wh: tuple[int, int], extra_questions: int = 0
                      ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """`generate_scene` with the image in BGR channel order (what the JPEG encoder takes,
     saving a full-image conversion per scene). Same pixels, channels reversed."""
     size_wh = check_size_wh(size_wh)
+    if isinstance(extra_questions, bool) or not isinstance(extra_questions, int) or extra_questions < 0:
+        raise InputError(f"extra_questions must be an integer >= 0, got {extra_questions!r}")
     rng = scene_rng(seed, index)
     image = render_background(rng, size_wh)  # muted random colours: channel order is moot
     objs, radii, phases = layout_objects(rng, size_wh)
     for obj, radius, phase in zip(objs, radii, phases):
         paint_object(image, obj, radius, phase, bgr=True)
     n_q = QUESTIONS_PER_SCENE[int(rng.choice(len(QUESTIONS_PER_SCENE), p=QUESTIONS_P))]
+    questions = ask_questions(objs, size_wh, n_q, rng)
+    if extra_questions:
+        # A separate stream: the scene and its own questions stay exactly as without extras.
+        extra_rng = np.random.default_rng(np.random.SeedSequence([seed, index, EXTRA_QUESTION_STREAM]))
+        questions += ask_questions(objs, size_wh, extra_questions, extra_rng,
+                                   exclude={q.target for q in questions})
     records = [annotation_record(objs[q.target], q.q_type, q.attribute, q.question, q.answer,
                                  q.options, image_name(index))
-               for q in ask_questions(objs, size_wh, n_q, rng)]
+               for q in questions]
     return image, records
 
 
@@ -152,8 +163,8 @@ def scene_objects(seed: int, index: int, size_wh: tuple[int, int] = (3840, 2160)
     return layout_objects(rng, size_wh)[0]
 
 
-def generate_scene(seed: int, index: int, size_wh: tuple[int, int] = (3840, 2160)
-                   ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def generate_scene(seed: int, index: int, size_wh: tuple[int, int] = (3840, 2160),
+                   extra_questions: int = 0) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Generate scene `index` of dataset `seed` in memory.
 
     Returns (image uint8 [H, W, 3] RGB, C-contiguous; annotation records). Each record is a
@@ -161,6 +172,9 @@ def generate_scene(seed: int, index: int, size_wh: tuple[int, int] = (3840, 2160
     polygon as [[x, y], ...] integer pixels, `area_percent` = 100 * mask pixels / (W * H) of
     that polygon rasterised by `finers_rt.dataset.polygon_to_mask`). 1 to 3 questions about
     distinct targets; the same (seed, index, size_wh) always gives the same scene.
+    `extra_questions` > 0 appends up to that many more questions about further distinct
+    targets (same type/attribute mix, drawn from a separate random stream, so the image and
+    the first records are unchanged): more supervised targets per rendered scene for training.
     """
-    image_bgr, records = render_scene_bgr(seed, index, size_wh)
+    image_bgr, records = render_scene_bgr(seed, index, size_wh, extra_questions)
     return cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB), records

@@ -133,15 +133,13 @@ def inscribed_points(mask: np.ndarray) -> tuple[tuple[float, float], tuple[float
     return (x1 + 0.5, y1 + 0.5), (x2 + 0.5, y2 + 0.5)
 
 
-def make_gse_item(image: np.ndarray, record: dict[str, Any], sizes: StageSizes) -> dict[str, Any]:
-    """GSE stage image [h, w, 3] uint8 + meta (GT box and target region in the stage frame)."""
-    height, width = image.shape[:2]
-    box = geometry.frame_to_stage_box(polygon_box_xyxy(record["points"]), (width, height),
+def gse_meta(record: dict[str, Any], image_wh: tuple[int, int], sizes: StageSizes) -> dict[str, Any]:
+    """GT box and target region of `record` in the GSE stage frame (+ the GT box in original pixels)."""
+    box = geometry.frame_to_stage_box(polygon_box_xyxy(record["points"]), image_wh,
                                       sizes.gse_size_wh)
     region = centred_region(box, sizes.region_side_stage(), sizes.gse_size_wh)
-    return {"image": resize_for_stage(image, sizes.gse_size_wh),
-            "meta": {"gt_box_stage": list(box), "region_stage": list(region),
-                     "gt_box_original": list(polygon_box_xyxy(record["points"]))}}
+    return {"gt_box_stage": list(box), "region_stage": list(region),
+            "gt_box_original": list(polygon_box_xyxy(record["points"]))}
 
 
 def make_lpr_item(image: np.ndarray, record: dict[str, Any], sizes: StageSizes,
@@ -184,42 +182,67 @@ def crop_item(image: np.ndarray, record: dict[str, Any], crop_xyxy: Any,
                      "points_stage": points}}
 
 
-def iter_scene_items(seed: int, n_scenes: int, sizes: StageSizes, lpr_crops: int = 2,
-                     start: int = 0) -> Iterator[tuple[dict, dict, list[dict]]]:
-    """Yield (record, gse_item, [lpr_item, ...]) for every question of scenes start..start+n-1."""
+def iter_scenes(seed: int, n_scenes: int, sizes: StageSizes, lpr_crops: int = 2, start: int = 0,
+                extra_questions: int = 0) -> Iterator[tuple[np.ndarray, list[tuple[dict, dict, list[dict]]]]]:
+    """Yield (GSE stage image, [(record, gse meta, [lpr item, ...]), ...]) per scene of
+    start..start+n-1: the scene is resized for GSE once, whatever its number of questions."""
     from finers_rt.synth import generate_scene
 
     for index in range(start, start + n_scenes):
-        image, records = generate_scene(seed, index, sizes.scene_size_wh)
+        image, records = generate_scene(seed, index, sizes.scene_size_wh, extra_questions)
         rng = np.random.default_rng(np.random.SeedSequence([seed, index, 7]))
-        for record in records:
-            yield (record, make_gse_item(image, record, sizes),
-                   [make_lpr_item(image, record, sizes, rng) for _ in range(lpr_crops)])
+        wh = (image.shape[1], image.shape[0])
+        yield (resize_for_stage(image, sizes.gse_size_wh),
+               [(record, gse_meta(record, wh, sizes),
+                 [make_lpr_item(image, record, sizes, rng) for _ in range(lpr_crops)])
+                for record in records])
+
+
+def _save_stacked(path: Path, arrays: list[np.ndarray]) -> None:
+    """np.save of np.stack(arrays) written row by row (no second full copy in memory);
+    the list is emptied as it goes."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=arrays[0].dtype,
+                                    shape=(len(arrays),) + arrays[0].shape)
+    for i in range(len(arrays)):
+        out[i] = arrays[i]
+        arrays[i] = None
+    out.flush()
+    del out
+    arrays.clear()
 
 
 def build_cache(out_dir: str | Path, seed: int, n_scenes: int, sizes: StageSizes,
-                lpr_crops: int = 2, log=None) -> Path:
-    """Write a training cache: gse_images.npy [N, h, w, 3], lpr_images.npy [N*K, h, w, 3],
-    lpr_masks.npy [N*K, h, w] (bool), records.json (records + meta, sizes)."""
+                lpr_crops: int = 2, log=None, extra_questions: int = 0) -> Path:
+    """Write a training cache: gse_images.npy [scenes, h, w, 3] (one row per scene; entry
+    `gse_row` points at it), lpr_images.npy [N*K, h, w, 3], lpr_masks.npy [N*K, h, w] (bool),
+    records.json (records + meta, sizes). `extra_questions`: see `synth.generate_scene`."""
+    if n_scenes < 1:
+        raise InputError(f"n_scenes must be >= 1, got {n_scenes}")
+    if lpr_crops < 1:
+        raise InputError(f"lpr_crops must be >= 1, got {lpr_crops}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gse_imgs, lpr_imgs, lpr_masks, entries = [], [], [], []
-    for i, (record, gse, lprs) in enumerate(iter_scene_items(seed, n_scenes, sizes, lpr_crops)):
-        gse_imgs.append(gse["image"])
-        entries.append({"record": {k: v for k, v in record.items()}, "gse": gse["meta"],
-                        "lpr": [item["meta"] for item in lprs],
-                        "bucket": size_bucket(record["area_percent"])})
-        for item in lprs:
-            lpr_imgs.append(item["image"])
-            lpr_masks.append(item["mask"])
-        if log and (i + 1) % 50 == 0:
-            log(f"cache {out}: {i + 1} samples")
-    np.save(out / "gse_images.npy", np.stack(gse_imgs))
-    np.save(out / "lpr_images.npy", np.stack(lpr_imgs))
-    np.save(out / "lpr_masks.npy", np.stack(lpr_masks))
+    for scene, (gse_image, items) in enumerate(iter_scenes(seed, n_scenes, sizes, lpr_crops,
+                                                             extra_questions=extra_questions)):
+        for record, meta, lprs in items:
+            entries.append({"record": {k: v for k, v in record.items()}, "gse": meta,
+                            "gse_row": len(gse_imgs), "lpr": [item["meta"] for item in lprs],
+                            "bucket": size_bucket(record["area_percent"])})
+            for item in lprs:
+                lpr_imgs.append(item["image"])
+                lpr_masks.append(item["mask"])
+        gse_imgs.append(gse_image)
+        if log and (scene + 1) % 50 == 0:
+            log(f"cache {out}: {scene + 1} scenes, {len(entries)} samples")
+    if not entries:
+        raise InputError(f"scenes of seed {seed} gave no questions; nothing to cache")
+    _save_stacked(out / "gse_images.npy", gse_imgs)
+    _save_stacked(out / "lpr_images.npy", lpr_imgs)
+    _save_stacked(out / "lpr_masks.npy", lpr_masks)
     (out / "records.json").write_text(json.dumps(
-        {"seed": seed, "n_scenes": n_scenes, "lpr_crops": lpr_crops, "sizes": asdict(sizes),
-         "entries": entries}))
+        {"seed": seed, "n_scenes": n_scenes, "lpr_crops": lpr_crops,
+         "extra_questions": extra_questions, "sizes": asdict(sizes), "entries": entries}))
     return out
 
 
@@ -259,6 +282,11 @@ class SampleCache:
         from finers_rt.train import dense
 
         return self.scene_objects()[dense.scene_index(self.entries[index]["record"]["image_path"])]
+
+    def gse_image(self, index: int) -> np.ndarray:
+        """The GSE stage image of entry `index` [h, w, 3] uint8 (caches of older builds hold
+        one row per entry and have no `gse_row`)."""
+        return np.asarray(self.gse_images[int(self.entries[index].get("gse_row", index))])
 
     def __len__(self) -> int:
         return len(self.entries)

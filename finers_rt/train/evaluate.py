@@ -63,7 +63,7 @@ def evaluate_stage(model, collator: Collator, cache: SampleCache, stage: str,
 def _eval_gse(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
     entry, sizes = cache.entries[i], cache.sizes
     record = entry["record"]
-    text = generate_texts(model, collator, np.asarray(cache.gse_images[i]), gse_prompt(record))[0][0]
+    text = generate_texts(model, collator, cache.gse_image(i), gse_prompt(record))[0][0]
     reward = gse_reward(text, record, entry["gse"]["region_stage"], entry["gse"]["gt_box_stage"],
                         sizes.region_side_stage())
     parsed = parse_output(text)

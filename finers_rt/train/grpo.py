@@ -109,7 +109,7 @@ class _Task:
                     lambda text: lpr_reward(text, record, meta["box_stage"], mask)["total"])
         target = self._retro_target(i)
         side = cache.sizes.region_side_stage()
-        return (np.asarray(cache.gse_images[i]), gse_prompt(record),
+        return (cache.gse_image(i), gse_prompt(record),
                 lambda text: gse_reward(text, record, target, entry["gse"]["gt_box_stage"],
                                         side)["total"])
 

@@ -106,7 +106,7 @@ def stage_example(cache: SampleCache, stage: str, index: int, crop: int = 0):
     if stage == "gse":
         region = entry["gse"]["region_stage"]
         box = entry["gse"]["gt_box_stage"]
-        return (np.asarray(cache.gse_images[index]), gse_prompt(record),
+        return (cache.gse_image(index), gse_prompt(record),
                 format_gse_answer(record, region), ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
     meta = entry["lpr"][crop]
     box = meta["box_stage"]

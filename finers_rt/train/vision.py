@@ -66,7 +66,7 @@ def image_batch(cache: SampleCache, indices, vision_cfg) -> tuple[torch.Tensor, 
     pixels, grids, labels = [], [], []
     merge = vision_cfg.merge_size
     for i in indices:
-        patches, grid = preprocess_image(np.ascontiguousarray(cache.gse_images[int(i)]), vision_cfg)
+        patches, grid = preprocess_image(np.ascontiguousarray(cache.gse_image(int(i))), vision_cfg)
         pixels.append(torch.from_numpy(patches))
         grids.append(grid)
         labels.append(torch.from_numpy(dense.cell_targets(cache.object_rows(int(i)),
