@@ -39,6 +39,23 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def graph_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of an ONNX graph together with its weights: the `.onnx` file, then its
+    `.onnx.data` sidecar when there is one. A graph over 2 GB keeps only structure and tensor
+    references in the `.onnx`, so re-exporting new weights of the same architecture leaves
+    that file byte-identical; the sidecar is what changes. Without a sidecar this equals
+    `file_sha256(path)`."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for part in (path, path.with_name(path.name + ".data")):
+        if part is not path and not part.is_file():
+            continue
+        with open(part, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Parse a JSON artifact file; ManifestError naming the file when it is unreadable."""
     try:

@@ -24,7 +24,7 @@ from finers_rt import __version__
 from finers_rt.config import PipelineConfig
 from finers_rt.errors import ArtifactError, EngineProfileError, InputError, ManifestError, suggest
 from finers_rt.manifest import (BUNDLE_FORMAT, MANIFEST_NAME, SAM_FORMAT, VLM_FORMAT, BundleManifest, GraphSpec,
-                                SamManifest, VlmStageManifest, _Serialisable, file_sha256, read_json)
+                                SamManifest, VlmStageManifest, _Serialisable, graph_sha256, read_json)
 
 ENGINE_FORMAT = "finers-rt.trt-engine"
 ENGINE_SUFFIX = ".engine"
@@ -378,7 +378,7 @@ def now_iso() -> str:
 
 def verify_source(plan: EnginePlan) -> str:
     """sha256 of the ONNX graph about to be built, checked against the manifest's."""
-    digest = file_sha256(plan.onnx_path)
+    digest = graph_sha256(plan.onnx_path)
     if plan.source_sha256 and digest != plan.source_sha256:
         raise ManifestError(f"{plan.onnx_path}: sha256 differs from the manifest; the graph was modified "
                             "or replaced after export")

@@ -498,3 +498,38 @@ def test_ort_tensorrt_provider_gets_manifest_profiles(tmp_path):
     assert trt_options["trt_profile_max_shapes"] == options["trt_profile_max_shapes"]
     assert provider_list(stage / "decoder.onnx", ["CPUExecutionProvider"], ["CPUExecutionProvider"]) == [
         "CPUExecutionProvider"]
+
+
+def test_graph_digest_covers_external_weights(tmp_path):
+    """A >2 GB graph keeps its weights in `.onnx.data`: a re-export with new weights of the same
+    architecture leaves the `.onnx` byte-identical, so the manifest digest (and the check before
+    an engine build) must read the sidecar too."""
+    from types import SimpleNamespace
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from finers_rt.manifest import file_sha256, graph_sha256
+    from finers_rt.trt import verify_source
+
+    def model(value):
+        w = numpy_helper.from_array(np.full((64, 64), value, np.float32), "w")
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+        return helper.make_model(graph)
+
+    inline = tmp_path / "inline.onnx"
+    onnx.save_model(model(1.0), str(inline))
+    assert graph_sha256(inline) == file_sha256(inline)  # self-contained graphs: unchanged digests
+    ext = tmp_path / "decoder.onnx"
+    onnx.save_model(model(1.0), str(ext), save_as_external_data=True, location="decoder.onnx.data",
+                    size_threshold=0)
+    old_graph, old_file = graph_sha256(ext), file_sha256(ext)
+    assert verify_source(SimpleNamespace(onnx_path=ext, source_sha256=old_graph)) == old_graph
+    (tmp_path / "decoder.onnx.data").unlink()  # a fresh export writes a fresh sidecar
+    onnx.save_model(model(2.0), str(ext), save_as_external_data=True, location="decoder.onnx.data",
+                    size_threshold=0)
+    assert file_sha256(ext) == old_file and graph_sha256(ext) != old_graph
+    with pytest.raises(ManifestError, match="sha256 differs"):
+        verify_source(SimpleNamespace(onnx_path=ext, source_sha256=old_graph))

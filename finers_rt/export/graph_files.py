@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 from onnx.external_data_helper import uses_external_data
 
-from finers_rt.manifest import GraphSpec, TensorSpec, file_sha256
+from finers_rt.manifest import GraphSpec, TensorSpec, graph_sha256
 
 # Keep a graph self-contained below this size; protobuf cannot hold more than 2 GB.
 INLINE_LIMIT_BYTES = 1_800_000_000
@@ -64,4 +64,4 @@ def graph_spec(path: Path) -> GraphSpec:
     init_names = {t.name for t in model.graph.initializer}
     inputs = tuple(_tensor_spec(v) for v in model.graph.input if v.name not in init_names)
     outputs = tuple(_tensor_spec(v) for v in model.graph.output)
-    return GraphSpec(file=path.name, inputs=inputs, outputs=outputs, sha256=file_sha256(path))
+    return GraphSpec(file=path.name, inputs=inputs, outputs=outputs, sha256=graph_sha256(path))

@@ -27,7 +27,7 @@ from finers_rt.export.sam_graphs import OPSET, export_decoder, export_encoder
 from finers_rt.export.staging import check_out_dir, staged_folder
 from finers_rt.export.torchvision_shim import import_segment_anything
 from finers_rt.manifest import (FORMAT_VERSION, SAM_FORMAT, GraphSpec, SamManifest, TensorSpec,
-                                file_sha256)
+                                file_sha256, graph_sha256)
 
 # (h, w): landscape, square and portrait-ish sizes; 300x700 is the "700x300" W x H case.
 DEFAULT_VALIDATION_SIZES_HW: tuple[tuple[int, int], ...] = ((300, 700), (512, 512), (900, 1200))
@@ -85,7 +85,7 @@ def _write_graphs(sam, config: SamConfig, model_type: str, checkpoint: Path,
     for name, spec in specs.items():
         path = folder / spec.file
         _set_output_shapes(path, spec)
-        graphs[name] = GraphSpec(spec.file, spec.inputs, spec.outputs, file_sha256(path))
+        graphs[name] = GraphSpec(spec.file, spec.inputs, spec.outputs, graph_sha256(path))
     e = config.embedding_size
     manifest = SamManifest(
         format=SAM_FORMAT, format_version=FORMAT_VERSION, finers_rt_version=__version__,
