@@ -232,7 +232,8 @@ def build_cache(out_dir: str | Path, seed: int, n_scenes: int, sizes: StageSizes
             for item in lprs:
                 lpr_imgs.append(item["image"])
                 lpr_masks.append(item["mask"])
-        gse_imgs.append(gse_image)
+        if items:  # a scene without questions leaves no unreferenced image row
+            gse_imgs.append(gse_image)
         if log and (scene + 1) % 50 == 0:
             log(f"cache {out}: {scene + 1} scenes, {len(entries)} samples")
     if not entries:
