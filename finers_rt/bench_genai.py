@@ -50,8 +50,8 @@ def import_genai():
         import onnxruntime_genai as og
     except ImportError:
         raise InputError("the genai peer needs onnxruntime-genai (optional, not a finers-rt "
-                                 "dependency): pip install onnxruntime-genai --no-deps, or into a venv "
-                                 "made with --system-site-packages, so that onnxruntime stays as it is") from None
+                         "dependency): pip install onnxruntime-genai --no-deps, or into a venv "
+                         "made with --system-site-packages, so that onnxruntime stays as it is") from None
     return og
 
 
@@ -66,7 +66,7 @@ def _adapted_decoder(src: Path, dst: Path) -> None:
     names = {i.name for i in graph.input}
     if not {"seqlens_k", "total_sequence_length", "inputs_embeds"} <= names:
         raise ManifestError(f"{src}: the genai peer needs a kv_cache 'shared' decoder (GroupQueryAttention "
-                                 f"inputs seqlens_k / total_sequence_length), got inputs {sorted(names)}")
+                            f"inputs seqlens_k / total_sequence_length), got inputs {sorted(names)}")
     logits = next(o for o in graph.output if o.name == "logits")
     vocab = logits.type.tensor_type.shape.dim[-1].dim_value
     for node in graph.node:

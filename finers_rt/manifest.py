@@ -30,30 +30,31 @@ DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "
 Dim = typing.Union[int, str]
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """sha256 hex digest of a file, read in chunks (works for multi-GB weight files)."""
+def _sha256_of(paths, chunk: int = 1 << 22) -> str:
+    """sha256 hex digest of the files' bytes, one after the other, read in chunks (works for
+    multi-GB weight files)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
     return digest.hexdigest()
 
 
-def graph_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file."""
+    return _sha256_of([path])
+
+
+def graph_sha256(path: str | os.PathLike) -> str:
     """sha256 of an ONNX graph together with its weights: the `.onnx` file, then its
     `.onnx.data` sidecar when there is one. A graph over 2 GB keeps only structure and tensor
     references in the `.onnx`, so re-exporting new weights of the same architecture leaves
     that file byte-identical; the sidecar is what changes. Without a sidecar this equals
     `file_sha256(path)`."""
     path = Path(path)
-    digest = hashlib.sha256()
-    for part in (path, path.with_name(path.name + ".data")):
-        if part is not path and not part.is_file():
-            continue
-        with open(part, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
+    sidecar = path.with_name(path.name + ".data")
+    return _sha256_of([path, sidecar] if sidecar.is_file() else [path])
 
 
 def read_json(path: str | os.PathLike) -> Any:

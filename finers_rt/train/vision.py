@@ -26,6 +26,7 @@ from finers_rt.train import checkpoint as ckpt
 from finers_rt.train import dense
 from finers_rt.train.data import SampleCache
 
+
 @dataclass(frozen=True)
 class VisionConfig:
     """One vision pre-training run; `init` is an HF checkpoint folder (GSE stage)."""
@@ -88,7 +89,8 @@ def train_vision(cfg: VisionConfig, log: Callable[[str], None] = print) -> dict[
     state = ckpt.load_state(state_path) if state_path.is_file() else None
     src = run_dir / "checkpoint" if state is not None else Path(cfg.init)
     if not (src / "config.json").is_file():
-        raise InputError(f"--init must be an HF checkpoint folder, got '{cfg.init}'")
+        raise InputError(f"--init must be an HF checkpoint folder (with config.json); '{src}' has none"
+                         + (" (resuming: the run folder's checkpoint/ is missing)" if state is not None else ""))
     cache.scene_objects(log)
     model = load_vlm(src, dtype=torch.float32, attn_implementation="sdpa")
     visual = model.model.visual
