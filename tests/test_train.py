@@ -93,6 +93,24 @@ def test_coordinate_values_round_trip_through_the_parser():
     assert parsed.response == "The object is found."
 
 
+def test_option_targets_name_the_answer_before_the_letter():
+    from finers_rt.train.data import THINK_TEXT, format_lpr_answer, option_text
+
+    opts = "(A) red (B) top-left (C) green (D) light blue"
+    assert option_text(opts, "B") == "top-left" and option_text(opts, "d") == "light blue"
+    assert option_text(opts, "E") is None and option_text("A. red B. blue", "A") is None
+    assert option_text(None, "A") is None and option_text(opts, None) is None
+    record = dict(REF, **{"Q-type": "option", "A": "D", "options": opts})
+    text = format_lpr_answer(record, (10, 10, 20, 20), ((12, 12), (16, 16)))
+    assert text.startswith("<think>The answer is light blue.</think><answer>")
+    parsed = parse_output(text)
+    assert parsed.response == "D" and parsed.think == "The answer is light blue."
+    # a list the parser cannot read keeps the constant think text, and so do other types
+    odd = dict(record, options="A. red B. blue")
+    assert format_lpr_answer(odd, (10, 10, 20, 20), ((12, 12), (16, 16))).startswith(THINK_TEXT)
+    assert format_lpr_answer(REF, (10, 10, 20, 20), ((12, 12), (16, 16))).startswith(THINK_TEXT)
+
+
 # ---- retrospective target region ---------------------------------------------------------------
 
 def _blank_scene():

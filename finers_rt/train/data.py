@@ -12,6 +12,7 @@ coordinate-token grid of `finers_rt.train.model`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -64,9 +65,32 @@ def response_for(record: dict[str, Any]) -> str:
 THINK_TEXT = "<think>Search the image for the query.</think>"
 
 
+_OPTION_RE = re.compile(r"\(([A-Z])\)\s*(.*?)\s*(?=\([A-Z]\)|$)", re.S)
+
+
+def option_text(options: Any, letter: Any) -> str | None:
+    """The text of option `letter` in an option list like '(A) red (B) blue', or None when
+    the list does not have that form or that letter."""
+    if not isinstance(options, str) or not isinstance(letter, str):
+        return None
+    for found, text in _OPTION_RE.findall(options):
+        if found == letter.strip().upper() and text:
+            return text
+    return None
+
+
 def think_for(record: dict[str, Any]) -> str:
-    """The think text: one constant sentence. (Restating the query there was measured worse:
-    a tiny model spends its first hundreds of steps learning to copy and loops when greedy.)"""
+    """The think text. One constant sentence, except for option questions whose list can be
+    read: there it names the answer in words first ('The object is blue.'), so that the
+    letter that follows is a lookup in the option list rather than a guess of the letter on
+    its own (a model trained on the letter alone answers one constant letter). Restating the
+    query was measured worse: a tiny model spends its first hundreds of steps learning to
+    copy and loops when greedy."""
+    if record.get("Q-type") == "option":
+        text = option_text(record.get("options"), record.get("A"))
+        if text is not None:
+            words = text.replace("'", " ")
+            return f"<think>The answer is {words}.</think>"
     return THINK_TEXT
 
 
