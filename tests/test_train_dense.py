@@ -142,3 +142,37 @@ def test_vision_pretraining_learns_saves_and_resumes(dense_cache, tmp_path):
     with pytest.raises(InputError, match="--init must be"):
         train_vision(VisionConfig(**{**cfg, "out_dir": str(tmp_path / "o2"), "init": str(tmp_path)}),
                      log=lambda m: None)
+
+
+def _row(x1, y1, x2, y2, colour, shape, pattern="solid", wh=(3840, 2160)):
+    A = dense.ATTRIBUTES
+    return [x1 / wh[0], y1 / wh[1], x2 / wh[0], y2 / wh[1],
+            A.index(colour), A.index(shape), A.index(pattern)]
+
+
+def test_expected_region_hit_counts_what_a_field_limited_gse_can_tell_apart():
+    sizes = StageSizes()
+    rows = [_row(1000, 1000, 1030, 1030, "blue", "circle"),      # the target
+            _row(3000, 1500, 3030, 1530, "blue", "square"),      # same colour, far away
+            _row(1100, 1050, 1130, 1080, "red", "circle")]       # other colour, in the same crop
+    gt = (1000, 1000, 1031, 1031)
+    hit = lambda fields, q: dense.expected_region_hit(rows, 0, fields, q, gt, sizes)  # noqa: E731
+    assert hit(("colour",), "the blue object") == pytest.approx(0.5)
+    assert hit((), "the blue object") == pytest.approx(2 / 3)
+    assert hit(("colour", "shape"), "the blue circle") == 1.0
+    # a field the question does not name about the target does not narrow the choice
+    assert hit(("shape",), "the blue object") == pytest.approx(2 / 3)
+    assert dense.named_values("the dotted blue object left of the red star", "colour") == {"blue", "red"}
+    assert dense.named_values("the bluest thing", "colour") == set()
+
+
+def test_seen_fields_recall_on_a_cache(tmp_path):
+    from finers_rt.train.data import SampleCache, build_cache
+
+    cache = SampleCache(build_cache(tmp_path / "c", seed=5, n_scenes=2, sizes=SIZES, lpr_crops=1))
+    for fields in [(), ("colour",), ("colour", "shape", "pattern")]:
+        got = dense.seen_fields_recall(cache, fields)
+        assert "all" in got and set(got) <= {"all", "S", "XS", "XXS"}
+        assert all(0.0 <= v <= 1.0 for v in got.values())
+    with pytest.raises(InputError, match="unknown attribute fields"):
+        dense.seen_fields_recall(cache, ("size",))

@@ -153,3 +153,69 @@ def batch_grids(image_grid_thw: torch.Tensor, merge: int) -> list[tuple[int, int
     """(rows, cols) of merged tokens per image."""
     return [(int(h) // merge, int(w) // merge) for _t, h, w in image_grid_thw.tolist()]
 
+
+
+# ---- how far can a GSE get on what it sees? ----------------------------------------------------
+
+FIELD_VALUES = {"colour": tuple(COLORS), "shape": SHAPES, "pattern": PATTERNS}
+_ROW_COLUMN = {"colour": 4, "shape": 5, "pattern": 6}
+
+
+def named_values(question: str, field: str) -> set[str]:
+    """The values of `field` the question names as whole words ('the dotted blue object' ->
+    {'blue'} for colour)."""
+    text = question.lower()
+    return {v for v in FIELD_VALUES[field] if re.search(rf"\b{re.escape(v)}\b", text)}
+
+
+def expected_region_hit(rows: list[list[float]], target: int, fields: tuple[str, ...],
+                        question: str, gt_box_original, sizes) -> float:
+    """Expected region hit of a GSE that sees only `fields` of every object: among the
+    scene's objects that agree with the target on each seen field whose target value the
+    question names, it picks one uniformly, centres the region on it and the pipeline crops
+    there (dynamic box); the hit is the metric's 'GT box inside the crop'.
+
+    rows: `object_rows` of the scene; gt_box_original: the target's polygon box in original
+    pixels (as the region-recall metric takes it).
+    An upper bound for such a GSE when the wording names the target's own values; position
+    words and relations to other objects are ignored (a GSE can beat it with those)."""
+    from finers_rt.metrics import is_box_inside_region
+    from finers_rt.train.data import centred_region
+    from finers_rt.train.retrospective import pipeline_crop
+
+    stage_w, stage_h = sizes.gse_size_wh
+    scene_wh = sizes.scene_size_wh
+    keys = [_ROW_COLUMN[f] for f in fields
+            if ATTRIBUTES[int(rows[target][_ROW_COLUMN[f]])] in named_values(question, f)]
+    candidates = [r for r in rows if all(r[k] == rows[target][k] for k in keys)]
+    hits = 0
+    for r in candidates:
+        box = (r[0] * stage_w, r[1] * stage_h, r[2] * stage_w, r[3] * stage_h)
+        region = centred_region(box, sizes.region_side_stage(), sizes.gse_size_wh)
+        hits += is_box_inside_region(gt_box_original, pipeline_crop(region, scene_wh, sizes))
+    return hits / len(candidates)
+
+
+def seen_fields_recall(cache, fields: tuple[str, ...], limit: int | None = None) -> dict[str, float]:
+    """Mean `expected_region_hit` over a training cache's questions, overall and per size
+    bucket: the region recall a GSE reaches when it sees only `fields` (e.g. ('colour',) for a
+    tower that resolves colour but not shapes or patterns at its input size)."""
+    unknown = set(fields) - set(FIELD_VALUES)
+    if unknown:
+        raise InputError(f"unknown attribute fields {sorted(unknown)}; expected some of "
+                         f"{sorted(FIELD_VALUES)}")
+    objects = cache.scene_objects()
+    per: dict[str, list[float]] = {}
+    for i in range(len(cache) if limit is None else min(limit, len(cache))):
+        entry = cache.entries[i]
+        record, meta = entry["record"], entry["gse"]
+        rows = objects[scene_index(record["image_path"])]
+        gt = meta["gt_box_original"]
+        w, h = cache.sizes.scene_size_wh
+        target = min(range(len(rows)), key=lambda j: abs(rows[j][0] * w - gt[0])
+                     + abs(rows[j][1] * h - gt[1]) + abs(rows[j][2] * w - gt[2] - 1)
+                     + abs(rows[j][3] * h - gt[3] - 1))
+        hit = expected_region_hit(rows, target, fields, record["Q"], gt, cache.sizes)
+        for key in ("all", entry.get("bucket", "all")):
+            per.setdefault(key, []).append(hit)
+    return {k: float(np.mean(v)) for k, v in per.items()}
