@@ -156,7 +156,10 @@ def test_expected_region_hit_counts_what_a_field_limited_gse_can_tell_apart():
             _row(3000, 1500, 3030, 1530, "blue", "square"),      # same colour, far away
             _row(1100, 1050, 1130, 1080, "red", "circle")]       # other colour, in the same crop
     gt = (1000, 1000, 1031, 1031)
-    hit = lambda fields, q: dense.expected_region_hit(rows, 0, fields, q, gt, sizes)  # noqa: E731
+
+    def hit(fields, question):
+        return dense.expected_region_hit(rows, 0, fields, question, gt, sizes)
+
     assert hit(("colour",), "the blue object") == pytest.approx(0.5)
     assert hit((), "the blue object") == pytest.approx(2 / 3)
     assert hit(("colour", "shape"), "the blue circle") == 1.0
