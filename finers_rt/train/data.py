@@ -65,7 +65,7 @@ def response_for(record: dict[str, Any]) -> str:
 THINK_TEXT = "<think>Search the image for the query.</think>"
 
 
-_OPTION_RE = re.compile(r"\(([A-Z])\)\s*(.*?)\s*(?=\([A-Z]\)|$)", re.S)
+_OPTION_RE = re.compile(r"\(([A-Z])\)\s*(.*?)\s*(?=\([A-Z]\)|$)", re.DOTALL)
 
 
 def option_text(options: Any, letter: Any) -> str | None:
