@@ -93,7 +93,7 @@ def test_coordinate_values_round_trip_through_the_parser():
     assert parsed.response == "The object is found."
 
 
-def test_option_targets_name_the_answer_before_the_letter():
+def test_option_think_names_the_answer_before_the_letter_when_asked():
     from finers_rt.train.data import THINK_TEXT, format_lpr_answer, option_text
 
     opts = "(A) red (B) top-left (C) green (D) light blue"
@@ -101,14 +101,15 @@ def test_option_targets_name_the_answer_before_the_letter():
     assert option_text(opts, "E") is None and option_text("A. red B. blue", "A") is None
     assert option_text(None, "A") is None and option_text(opts, None) is None
     record = dict(REF, **{"Q-type": "option", "A": "D", "options": opts})
-    text = format_lpr_answer(record, (10, 10, 20, 20), ((12, 12), (16, 16)))
+    assert format_lpr_answer(record, (10, 10, 20, 20), ((12, 12), (16, 16))).startswith(THINK_TEXT)
+    text = format_lpr_answer(record, (10, 10, 20, 20), ((12, 12), (16, 16)), option_think=True)
     assert text.startswith("<think>The answer is light blue.</think><answer>")
     parsed = parse_output(text)
     assert parsed.response == "D" and parsed.think == "The answer is light blue."
     # a list the parser cannot read keeps the constant think text, and so do other types
     odd = dict(record, options="A. red B. blue")
-    assert format_lpr_answer(odd, (10, 10, 20, 20), ((12, 12), (16, 16))).startswith(THINK_TEXT)
-    assert format_lpr_answer(REF, (10, 10, 20, 20), ((12, 12), (16, 16))).startswith(THINK_TEXT)
+    assert format_lpr_answer(odd, (10, 10, 20, 20), ((12, 12), (16, 16)), True).startswith(THINK_TEXT)
+    assert format_lpr_answer(REF, (10, 10, 20, 20), ((12, 12), (16, 16)), True).startswith(THINK_TEXT)
 
 
 # ---- retrospective target region ---------------------------------------------------------------

@@ -79,14 +79,16 @@ def option_text(options: Any, letter: Any) -> str | None:
     return None
 
 
-def think_for(record: dict[str, Any]) -> str:
-    """The think text. One constant sentence, except for option questions whose list can be
-    read: there it names the answer in words first ('The object is blue.'), so that the
-    letter that follows is a lookup in the option list rather than a guess of the letter on
-    its own (a model trained on the letter alone answers one constant letter). Restating the
-    query was measured worse: a tiny model spends its first hundreds of steps learning to
-    copy and loops when greedy."""
-    if record.get("Q-type") == "option":
+def think_for(record: dict[str, Any], option_think: bool = False) -> str:
+    """The think text: one constant sentence. (Restating the query there was measured worse:
+    a tiny model spends its first hundreds of steps learning to copy and loops when greedy.)
+
+    `option_think` (opt-in, off for the shipped recipe): for option questions whose list can
+    be read, name the answer in words first ('The answer is blue.') so that the letter after
+    it is a lookup in the option list. Measured in `export/finers-tiny.md`, fifth round: in
+    2,898 LPR steps the model learned to write a word but not to read its letter (it still
+    answered one constant letter)."""
+    if option_think and record.get("Q-type") == "option":
         text = option_text(record.get("options"), record.get("A"))
         if text is not None:
             words = text.replace("'", " ")
@@ -94,20 +96,23 @@ def think_for(record: dict[str, Any]) -> str:
     return THINK_TEXT
 
 
-def format_gse_answer(record: dict[str, Any], region_xyxy: Any) -> str:
+def format_gse_answer(record: dict[str, Any], region_xyxy: Any, option_think: bool = False) -> str:
     """`<think>..</think><answer>{'bbox': [..], 'response': '..'}</answer>` (coordinates quantized)."""
     box = ",".join(str(quantize_coordinate(v)) for v in region_xyxy)
     resp = response_for(record).replace("'", " ")
-    return f"{think_for(record)}<answer>{{'bbox': [{box}], 'response': '{resp}'}}</answer>"
+    think = think_for(record, option_think)
+    return f"{think}<answer>{{'bbox': [{box}], 'response': '{resp}'}}</answer>"
 
 
-def format_lpr_answer(record: dict[str, Any], box_xyxy: Any, points_xy: Any) -> str:
+def format_lpr_answer(record: dict[str, Any], box_xyxy: Any, points_xy: Any,
+                      option_think: bool = False) -> str:
     """The LPR answer: bbox, points_1, points_2, response (coordinates quantized)."""
     q = quantize_coordinate
     box = ",".join(str(q(v)) for v in box_xyxy)
     (ax, ay), (bx, by) = points_xy
     resp = response_for(record).replace("'", " ")
-    return (f"{think_for(record)}<answer>{{'bbox': [{box}], 'points_1': [{q(ax)},{q(ay)}], "
+    return (f"{think_for(record, option_think)}<answer>{{'bbox': [{box}], "
+            f"'points_1': [{q(ax)},{q(ay)}], "
             f"'points_2': [{q(bx)},{q(by)}], 'response': '{resp}'}}</answer>")
 
 

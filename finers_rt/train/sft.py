@@ -57,6 +57,7 @@ class SftConfig:
     model_class: str = "stock"
     axis_weight: float = 1.0
     dense_weight: float = 0.0
+    option_think: bool = False
     curriculum_steps: int = 0
     curriculum_start: float = 0.03
     save_every: int = 100
@@ -99,19 +100,21 @@ def min_area_at(cfg: SftConfig, step: int) -> float:
     return cfg.curriculum_start * (1 - step / cfg.curriculum_steps)
 
 
-def stage_example(cache: SampleCache, stage: str, index: int, crop: int = 0):
-    """(image [h, w, 3] uint8, user text, target text, pointer (x, y)) of cache entry `index`."""
+def stage_example(cache: SampleCache, stage: str, index: int, crop: int = 0,
+                  option_think: bool = False):
+    """(image [h, w, 3] uint8, user text, target text, pointer (x, y)) of cache entry `index`
+    (`option_think`: see `data.think_for`)."""
     entry = cache.entries[index]
     record = entry["record"]
     if stage == "gse":
         region = entry["gse"]["region_stage"]
         box = entry["gse"]["gt_box_stage"]
         return (cache.gse_image(index), gse_prompt(record),
-                format_gse_answer(record, region), ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+                format_gse_answer(record, region, option_think), ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
     meta = entry["lpr"][crop]
     box = meta["box_stage"]
     return (np.asarray(cache.lpr_images[index * cache.lpr_crops + crop]), lpr_prompt(record),
-            format_lpr_answer(record, box, meta["points_stage"]),
+            format_lpr_answer(record, box, meta["points_stage"], option_think),
             ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
 
 
@@ -120,7 +123,8 @@ def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
     weights = cache.area_weights(min_area_at(cfg, step))
     picks = rng.choice(len(cache), size=cfg.batch_size, p=weights)
     crops = rng.integers(0, cache.lpr_crops, size=cfg.batch_size)
-    examples = [stage_example(cache, cfg.stage, int(i), int(k)) for i, k in zip(picks, crops)]
+    examples = [stage_example(cache, cfg.stage, int(i), int(k), cfg.option_think)
+                for i, k in zip(picks, crops)]
     images, texts, targets, pointers = (list(col) for col in zip(*examples))
     batch = collator(images, texts, targets, pointers)
     if cfg.dense_weight > 0:
