@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -177,5 +178,11 @@ def test_seen_fields_recall_on_a_cache(tmp_path):
         got = dense.seen_fields_recall(cache, fields)
         assert "all" in got and set(got) <= {"all", "S", "XS", "XXS"}
         assert all(0.0 <= v <= 1.0 for v in got.values())
+    # a crop larger than the scene holds every object: whatever the GSE picks is a hit
+    cache.sizes = dataclasses.replace(cache.sizes, crop_min_side=4000)
+    assert dense.seen_fields_recall(cache, ())["all"] == 1.0
+    # the blind chooser misses here (objects outside a 128 px crop exist in every scene)
+    cache.sizes = dataclasses.replace(cache.sizes, crop_min_side=128)
+    assert dense.seen_fields_recall(cache, ())["all"] < 1.0
     with pytest.raises(InputError, match="unknown attribute fields"):
         dense.seen_fields_recall(cache, ("size",))

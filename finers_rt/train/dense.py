@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from finers_rt.errors import InputError
+from finers_rt.metrics import is_box_inside_region
 from finers_rt.synth import COLORS, PATTERNS, SHAPES, scene_objects
 
 ATTRIBUTES = tuple(COLORS) + SHAPES + PATTERNS
@@ -154,11 +155,11 @@ def batch_grids(image_grid_thw: torch.Tensor, merge: int) -> list[tuple[int, int
     return [(int(h) // merge, int(w) // merge) for _t, h, w in image_grid_thw.tolist()]
 
 
-
 # ---- how far can a GSE get on what it sees? ----------------------------------------------------
 
-FIELD_VALUES = {"colour": tuple(COLORS), "shape": SHAPES, "pattern": PATTERNS}
-_ROW_COLUMN = {"colour": 4, "shape": 5, "pattern": 6}
+FIELD_VALUES = {name: ATTRIBUTES[part] for name, part in ATTRIBUTE_GROUPS}
+# column of each field's attribute id in an `object_rows` row (after the 4 box fractions)
+_ROW_COLUMN = {name: 4 + k for k, (name, _part) in enumerate(ATTRIBUTE_GROUPS)}
 
 
 def named_values(question: str, field: str) -> set[str]:
@@ -179,8 +180,7 @@ def expected_region_hit(rows: list[list[float]], target: int, fields: tuple[str,
     pixels (as the region-recall metric takes it).
     An upper bound for such a GSE when the wording names the target's own values; position
     words and relations to other objects are ignored (a GSE can beat it with those)."""
-    from finers_rt.metrics import is_box_inside_region
-    from finers_rt.train.data import centred_region
+    from finers_rt.train.data import centred_region  # data imports this module
     from finers_rt.train.retrospective import pipeline_crop
 
     stage_w, stage_h = sizes.gse_size_wh
@@ -205,17 +205,18 @@ def seen_fields_recall(cache, fields: tuple[str, ...], limit: int | None = None)
         raise InputError(f"unknown attribute fields {sorted(unknown)}; expected some of "
                          f"{sorted(FIELD_VALUES)}")
     objects = cache.scene_objects()
+    w, h = cache.sizes.scene_size_wh
     per: dict[str, list[float]] = {}
     for i in range(len(cache) if limit is None else min(limit, len(cache))):
         entry = cache.entries[i]
         record, meta = entry["record"], entry["gse"]
         rows = objects[scene_index(record["image_path"])]
         gt = meta["gt_box_original"]
-        w, h = cache.sizes.scene_size_wh
+        # the target is the object whose pixel box is the question's polygon box
         target = min(range(len(rows)), key=lambda j: abs(rows[j][0] * w - gt[0])
                      + abs(rows[j][1] * h - gt[1]) + abs(rows[j][2] * w - gt[2] - 1)
                      + abs(rows[j][3] * h - gt[3] - 1))
         hit = expected_region_hit(rows, target, fields, record["Q"], gt, cache.sizes)
-        for key in ("all", entry.get("bucket", "all")):
+        for key in {"all", entry.get("bucket") or "all"}:
             per.setdefault(key, []).append(hit)
     return {k: float(np.mean(v)) for k, v in per.items()}

@@ -110,7 +110,8 @@ def stage_example(cache: SampleCache, stage: str, index: int, crop: int = 0,
         region = entry["gse"]["region_stage"]
         box = entry["gse"]["gt_box_stage"]
         return (cache.gse_image(index), gse_prompt(record),
-                format_gse_answer(record, region, option_think), ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+                format_gse_answer(record, region, option_think),
+                ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
     meta = entry["lpr"][crop]
     box = meta["box_stage"]
     return (np.asarray(cache.lpr_images[index * cache.lpr_crops + crop]), lpr_prompt(record),
