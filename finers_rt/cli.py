@@ -353,6 +353,7 @@ def _sft_command(stage: str):
         model_class: str = typer.Option("stock", "--model-class", help="stock (HF Qwen2.5-VL) or pointer (in-model pointer logits; added to a stock --init)."),
         axis_weight: float = typer.Option(1.0, "--axis-weight", help="Weight of the dense pointer-axis loss (pointer models only)."),
         dense_weight: float = typer.Option(0.0, "--dense-weight", help="GSE only: weight of the training-only per-image-token attribute + position loss (0 = off)."),
+        freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Keep the vision tower as --init has it (no gradient); each image's features are computed once and reused (e.g. after `train vision`)."),
         option_think: bool = typer.Option(False, "--option-think", help="Option questions' think text names the answer in words before the letter (experimental, off in the shipped recipe)."),
         save_every: int = typer.Option(100, "--save-every", help="Checkpoint every N steps."),
         eval_every: int = typer.Option(0, "--eval-every", help="Greedy held-out eval every N steps (needs --eval-cache)."),
@@ -371,6 +372,7 @@ def _sft_command(stage: str):
                             curriculum_steps=curriculum_steps, save_every=save_every,
                             model_class=model_class, axis_weight=axis_weight,
                             dense_weight=dense_weight, option_think=option_think,
+                            freeze_vision=freeze_vision,
                             eval_every=eval_every, eval_cache=eval_cache,
                             eval_samples=eval_samples, seed=seed, threads=threads,
                             device=device, workers=workers, time_limit_s=time_limit)

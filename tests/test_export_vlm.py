@@ -90,8 +90,12 @@ def test_export_parity_across_shapes(tmp_path, make_vlm_checkpoint, spec, size_w
     assert ("GroupQueryAttention" in ops) == (kv_cache == "shared")
     # "concat" is the portable contract: plain ONNX ops only, in both graphs (TensorRT)
     for graph in ("decoder", "vision"):
-        domains = {n.domain for n in onnx.load(str(tmp_path / "stage" / f"{graph}.onnx")).graph.node}
+        nodes = onnx.load(str(tmp_path / "stage" / f"{graph}.onnx")).graph.node
+        domains = {n.domain for n in nodes}
         assert ("com.microsoft" in domains) == (kv_cache == "shared"), (graph, domains)
+        values = [onnx.numpy_helper.to_array(n.attribute[0].t) for n in nodes if n.op_type == "Constant"]
+        keys = [(v.dtype.str, v.shape, v.tobytes()) for v in values]
+        assert len(keys) == len(set(keys)), f"{graph}: repeated constants left in the graph"
     text = manifest.text
     assert (text.num_attention_heads, text.num_key_value_heads) == (SPECS[spec].text_heads,
                                                                     SPECS[spec].text_kv_heads)
@@ -266,3 +270,39 @@ def test_external_data_layout(tmp_path, tiny_vlm_dir, monkeypatch, quantize):
     assert manifest.validation["vision_max_abs_err"] < FP32_TOL
     if quantize == "none":
         _assert_fp32_parity(manifest)
+
+
+def test_dedupe_constants_is_exact_and_rewires_subgraphs(tmp_path):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from finers_rt.export.graph_files import dedupe_constants
+
+    table = np.arange(12, dtype=np.float32).reshape(3, 4)
+
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name + "_v"))
+
+    then_branch = helper.make_graph([helper.make_node("Add", ["x", "c2"], ["t"])], "then", [],
+                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, [3, 4])])
+    else_branch = helper.make_graph([helper.make_node("Sub", ["x", "c3"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, [3, 4])])
+    nodes = [const("c1", table), const("c2", table.copy()), const("c3", table + 1),
+             const("c4", table.astype(np.float64).astype(np.float32)),
+             helper.make_node("Mul", ["x", "c1"], ["a"]), helper.make_node("Add", ["a", "c4"], ["b"]),
+             helper.make_node("If", ["flag"], ["branch"], then_branch=then_branch, else_branch=else_branch),
+             helper.make_node("Add", ["b", "branch"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    before = [ort.InferenceSession(str(path)).run(None, {"x": x, "flag": np.array(f)})[0] for f in (True, False)]
+    assert dedupe_constants(path) == 2 * table.nbytes  # c2 and c4 repeat c1; c3 differs
+    model = onnx.load(str(path))
+    assert [n.output[0] for n in model.graph.node if n.op_type == "Constant"] == ["c1", "c3"]
+    after = [ort.InferenceSession(str(path)).run(None, {"x": x, "flag": np.array(f)})[0] for f in (True, False)]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    stamp = path.stat().st_mtime_ns
+    assert dedupe_constants(path) == 0 and path.stat().st_mtime_ns == stamp  # nothing to do: untouched

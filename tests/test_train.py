@@ -371,3 +371,44 @@ def test_shipped_finers_tiny_runs_out_of_the_box(monkeypatch):
     assert result.mask.shape == (720, 1280)
     for source in ("gse", "lpr"):  # the committed sources are what the bundle was exported from
         assert (bundle / "source" / source / "config.json").is_file()
+
+
+@pytest.mark.parametrize("model_class", ["stock", "pointer"])
+def test_frozen_vision_inputs_give_the_pixel_forward(tiny_cache, tmp_path, model_class):
+    from finers_rt.train.data import SampleCache
+    from finers_rt.train.frozen_vision import VisionMemo, freeze
+    from finers_rt.train.sft import build_model, sample_batch
+    from finers_rt.train.batch import Collator
+
+    cfg = _sft_config(tiny_cache, tmp_path / "run", stage="gse", model_class=model_class,
+                      freeze_vision=True, batch_size=3)
+    model, processor, _, _ = build_model(cfg, tmp_path / "run")
+    freeze(model)
+    collator, cache = Collator(processor), SampleCache(tiny_cache)
+    batch = sample_batch(cache, cfg, collator, np.random.default_rng(0), 0)
+    assert batch.image_keys is not None and batch.image_keys.shape == (3,)
+    memo = VisionMemo(model.model.visual)
+    with torch.no_grad():
+        want = model(**batch.model_inputs()).logits
+        got = model(**memo.model_inputs(model, batch)).logits
+        again = model(**memo.model_inputs(model, batch)).logits  # from the memo
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
+    assert memo.computed == len(set(batch.image_keys.tolist()))
+
+
+def test_frozen_vision_run_trains_the_lm_only_and_resumes_the_same_way(tiny_cache, tmp_path):
+    from safetensors.torch import load_file
+
+    from finers_rt.train.sft import train_sft
+
+    out = tmp_path / "run"
+    train_sft(_sft_config(tiny_cache, out, stage="gse", freeze_vision=True, steps=4),
+              log=lambda m: None)
+    a = load_file(str(out / "init" / "model.safetensors"))
+    b = load_file(str(out / "checkpoint" / "model.safetensors"))
+    vision = [k for k in a if ".visual." in k or k.startswith("visual.")]
+    assert vision and all(torch.equal(a[k], b[k]) for k in vision)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k not in vision)
+    with pytest.raises(InputError, match="freeze-vision"):
+        train_sft(_sft_config(tiny_cache, out, stage="gse", steps=6), log=lambda m: None)

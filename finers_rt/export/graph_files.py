@@ -3,9 +3,11 @@ the manifest's `GraphSpec` read back from the file itself."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 from finers_rt.manifest import GraphSpec, TensorSpec, graph_sha256
@@ -48,6 +50,51 @@ def consolidate_external_data(path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)
     for name in stray:
         (path.parent / name).unlink(missing_ok=True)
+
+
+def dedupe_constants(path: Path) -> int:
+    """Drop every `Constant` node whose value (dtype, shape, bytes) repeats an earlier one and
+    let its consumers, subgraphs included, read the first. Exact: no value changes. The tracer
+    folds e.g. the vision tower's rotary tables once per block (2.1 of 3.1 MB of constants in a
+    4-block tower at 1,196 patches). Returns the bytes saved; the file is rewritten only then."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    keep, saved = [], 0
+    for node in graph.node:
+        attrs = node.attribute
+        if (node.op_type == "Constant" and not node.domain and len(attrs) == 1
+                and attrs[0].name == "value" and node.output[0] not in outputs
+                and attrs[0].t.data_location != onnx.TensorProto.EXTERNAL):
+            value = numpy_helper.to_array(attrs[0].t)
+            key = (attrs[0].t.data_type, tuple(attrs[0].t.dims),
+                   hashlib.sha256(value.tobytes()).hexdigest())
+            if key in first:
+                rename[node.output[0]] = first[key]
+                saved += value.nbytes
+                continue
+            first[key] = node.output[0]
+        keep.append(node)
+    if not rename:
+        return 0
+    del graph.node[:]
+    graph.node.extend(keep)
+    _rewire(graph, rename)
+    onnx.save_model(model, str(path))
+    return saved
+
+
+def _rewire(graph: onnx.GraphProto, rename: dict[str, str]) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _rewire(sub, rename)
 
 
 def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:

@@ -28,7 +28,7 @@ from finers_rt.errors import ArtifactError, ExportParityError, InputError, sugge
 from finers_rt.export import validate
 from finers_rt.export.checkpoints import load_reference
 from finers_rt.export.decoder_graph import KV_CACHES, export_decoder
-from finers_rt.export.graph_files import consolidate_external_data, graph_spec
+from finers_rt.export.graph_files import consolidate_external_data, dedupe_constants, graph_spec
 from finers_rt.export.pointer import decoder_step_for
 from finers_rt.export.quantize import QUANTIZATIONS, quantize_decoder
 from finers_rt.export.staging import check_out_dir, staged_folder
@@ -188,6 +188,8 @@ def write_graphs(model, work: Path, grid: tuple[int, int, int], opset: int, kv_c
     export_decoder(model, str(work / "decoder.onnx"), opset, kv_cache=kv_cache,
                    step=decoder_step_for(model, kv_cache))
     consolidate_external_data(work / "decoder.onnx")
+    for name in ("vision.onnx", "decoder.onnx"):
+        dedupe_constants(work / name)
 
 
 def _session(path: Path) -> ort.InferenceSession:

@@ -26,7 +26,7 @@ import torch
 
 from finers_rt.errors import InputError
 from finers_rt.train import checkpoint as ckpt
-from finers_rt.train import dense
+from finers_rt.train import dense, frozen_vision
 from finers_rt.train.batch import Batch, Collator, PointerHead, token_losses
 from finers_rt.train.data import SampleCache, format_gse_answer, format_lpr_answer, gse_prompt, lpr_prompt
 
@@ -58,6 +58,7 @@ class SftConfig:
     axis_weight: float = 1.0
     dense_weight: float = 0.0
     option_think: bool = False
+    freeze_vision: bool = False
     curriculum_steps: int = 0
     curriculum_start: float = 0.03
     save_every: int = 100
@@ -119,6 +120,14 @@ def stage_example(cache: SampleCache, stage: str, index: int, crop: int = 0,
             ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
 
 
+def image_key(cache: SampleCache, stage: str, index: int, crop: int = 0) -> int:
+    """The row of entry `index`'s stage image in the cache (entries of one scene share their
+    GSE image row)."""
+    if stage == "gse":
+        return int(cache.entries[index].get("gse_row", index))
+    return index * cache.lpr_crops + crop
+
+
 def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
                  rng: np.random.Generator, step: int) -> Batch:
     weights = cache.area_weights(min_area_at(cfg, step))
@@ -128,6 +137,9 @@ def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
                 for i, k in zip(picks, crops)]
     images, texts, targets, pointers = (list(col) for col in zip(*examples))
     batch = collator(images, texts, targets, pointers)
+    if cfg.freeze_vision:
+        batch.image_keys = torch.tensor([image_key(cache, cfg.stage, int(i), int(k))
+                                         for i, k in zip(picks, crops)], dtype=torch.long)
     if cfg.dense_weight > 0:
         batch.cell_labels = dense.batch_labels([cache.object_rows(int(i)) for i in picks],
                                                batch.image_grid_thw, collator.vision.merge_size)
@@ -234,14 +246,21 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         torch.distributed.barrier()
     heads = torch.nn.ModuleDict({"pointer": pointer, "dense": cells}).to(cfg.device)
     model.to(cfg.device)
+    memo = None
+    if cfg.freeze_vision:
+        frozen_vision.freeze(model)
+        memo = frozen_vision.VisionMemo(model.model.visual)
     # the dense head joins the optimizer only when used (runs saved without it still resume)
-    params = (list(model.parameters()) + list(pointer.parameters())
+    params = ([p for p in model.parameters() if p.requires_grad] + list(pointer.parameters())
               + (list(cells.parameters()) if cfg.dense_weight > 0 else []))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, rank]))
     torch.manual_seed(cfg.seed + rank)
     step = 0
     if state is not None:
+        if bool(state.get("config", {}).get("freeze_vision", False)) != cfg.freeze_vision:
+            raise InputError(f"{run_dir} was trained {'with' if not cfg.freeze_vision else 'without'} "
+                             "--freeze-vision: resume it the same way, or start a new --out")
         opt.load_state_dict(state["optimizer"])
         pointer.load_state_dict(state["pointer"])
         if "dense" in state:
@@ -253,13 +272,15 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model)
     model.train()
+    if cfg.freeze_vision:
+        model.model.visual.eval()
     t0, done_at_start, loss_ema, marks = time.time(), step, None, {}
     batches = batch_stream(cache, cfg, collator, rng, step, rank)
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         batch = batch_to(next(batches), cfg.device)
-        losses = _train_step(train_model, heads, opt, params, batch, collator, cfg, world)
+        losses = _train_step(train_model, heads, opt, params, batch, collator, cfg, world, memo)
         step += 1
         cfg = _fit_steps_to_time(cfg, step, step - done_at_start, t0, marks, log)
         out_of_time = cfg.time_limit_s > 0 and time.time() - t0 > cfg.time_limit_s
@@ -300,10 +321,14 @@ def _fit_steps_to_time(cfg: SftConfig, step: int, done: int, t0: float, marks: d
 
 
 def _train_step(train_model, heads, opt, params, batch: Batch, collator: Collator,
-                cfg: SftConfig, world: int) -> dict[str, float]:
+                cfg: SftConfig, world: int, memo=None) -> dict[str, float]:
     """One optimizer step on `batch`; returns the loss terms as floats. `heads` holds the
-    training-only "pointer" and "dense" heads."""
-    out = train_model(**batch.model_inputs(), output_hidden_states=True)
+    training-only "pointer" and "dense" heads; `memo` the frozen tower's features (or None)."""
+    if memo is None:
+        inputs = batch.model_inputs()
+    else:
+        inputs = memo.model_inputs(getattr(train_model, "module", train_model), batch)
+    out = train_model(**inputs, output_hidden_states=True)
     last = out.hidden_states[-1]
     text_loss, coord_loss = token_losses(out.logits, batch.labels, collator, cfg.coord_sigma)
     zero = text_loss * 0
