@@ -306,3 +306,47 @@ def test_dedupe_constants_is_exact_and_rewires_subgraphs(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     stamp = path.stat().st_mtime_ns
     assert dedupe_constants(path) == 0 and path.stat().st_mtime_ns == stamp  # nothing to do: untouched
+
+
+def test_store_exact_fp16_keeps_every_value(tmp_path):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from finers_rt.export.graph_files import store_exact_fp16
+
+    rng = np.random.default_rng(0)
+    exact = rng.standard_normal((64, 32)).astype(np.float16).astype(np.float32)
+    inexact = rng.standard_normal((32, 16)).astype(np.float32)
+    inexact[0, 0] = 1 + 2 ** -20  # one value that float16 cannot hold keeps the tensor float32
+    small = rng.standard_normal(16).astype(np.float16).astype(np.float32)
+    inits = [numpy_helper.from_array(exact, "w1"), numpy_helper.from_array(inexact, "w2"),
+             numpy_helper.from_array(small, "b")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["g"]),
+             helper.make_node("Add", ["g", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])], inits)
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    before = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    assert store_exact_fp16(path, min_elements=32) == exact.nbytes // 2
+    types = {t.name: t.data_type for t in onnx.load(str(path)).graph.initializer}
+    assert types == {"w1__fp16": TensorProto.FLOAT16, "w2": TensorProto.FLOAT, "b": TensorProto.FLOAT}
+    assert np.array_equal(ort.InferenceSession(str(path)).run(None, {"x": x})[0], before)
+    assert store_exact_fp16(path, min_elements=32) == 0
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_float16_checkpoint_exports_half_size_weights_at_parity(tmp_path, tiny_vlm_dir, quantize):
+    from onnx import TensorProto
+
+    from finers_rt.train.checkpoint import write_release_copy
+
+    half = write_release_copy(tiny_vlm_dir, tmp_path / "half")  # weights saved as float16
+    manifest = export_vlm(half, tmp_path / "stage", VlmExportOptions(
+        role="lpr", image_size_wh=(112, 112), quantize=quantize))  # raises if parity fails
+    assert manifest.validation["greedy_tokens_equal"] or quantize != "none"
+    for graph in ("vision", "decoder"):
+        inits = onnx.load(str(tmp_path / "stage" / f"{graph}.onnx")).graph.initializer
+        if graph == "vision" or quantize == "none":
+            assert any(t.data_type == TensorProto.FLOAT16 for t in inits), graph

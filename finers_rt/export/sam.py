@@ -22,7 +22,7 @@ import torch
 
 from finers_rt import __version__
 from finers_rt.errors import ExportParityError, InputError
-from finers_rt.export.graph_files import dedupe_constants
+from finers_rt.export.graph_files import dedupe_constants, store_exact_fp16
 from finers_rt.export.sam_configs import SamConfig, load_sam, resolve_sam_config
 from finers_rt.export.sam_graphs import OPSET, export_decoder, export_encoder
 from finers_rt.export.staging import check_out_dir, staged_folder
@@ -140,6 +140,7 @@ def _set_output_shapes(path: Path, spec: GraphSpec) -> None:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     dedupe_constants(path)
+    store_exact_fp16(path)
 
 
 def _exporter_versions() -> dict:

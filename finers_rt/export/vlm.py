@@ -28,7 +28,8 @@ from finers_rt.errors import ArtifactError, ExportParityError, InputError, sugge
 from finers_rt.export import validate
 from finers_rt.export.checkpoints import load_reference
 from finers_rt.export.decoder_graph import KV_CACHES, export_decoder
-from finers_rt.export.graph_files import consolidate_external_data, dedupe_constants, graph_spec
+from finers_rt.export.graph_files import (consolidate_external_data, dedupe_constants, graph_spec,
+                                          store_exact_fp16)
 from finers_rt.export.pointer import decoder_step_for
 from finers_rt.export.quantize import QUANTIZATIONS, quantize_decoder
 from finers_rt.export.staging import check_out_dir, staged_folder
@@ -229,8 +230,16 @@ def export_vlm(hf_dir: str | Path, out_dir: str | Path, options: VlmExportOption
     return manifest
 
 
+def _compact(work: Path) -> None:
+    """Exact: float32 weights that are float16 values are stored as float16 (see graph_files)."""
+    for name in ("vision.onnx", "decoder.onnx"):
+        store_exact_fp16(work / name)
+
+
 def _build_stage(model, processor, hf_dir, work, options, inputs, image_spec, chat) -> VlmStageManifest:
     write_graphs(model, work, image_spec.grid_thw, options.opset, options.kv_cache)
+    if options.quantize == "none":
+        _compact(work)  # before validation: the files validated are the files shipped
     embed = np.asarray(model.get_input_embeddings().weight.detach().numpy(), np.float32)  # [V, H]
     np.save(work / "embed_tokens.npy", embed)
     shutil.copyfile(hf_dir / "tokenizer.json", work / "tokenizer.json")
@@ -244,7 +253,8 @@ def _build_stage(model, processor, hf_dir, work, options, inputs, image_spec, ch
     report["greedy_tokens_equal"] = True
     if options.quantize != "none":
         fp32_tokens = report["tokens"]
-        quantize_decoder(work / "decoder.onnx", options.quantize)
+        quantize_decoder(work / "decoder.onnx", options.quantize)  # reads plain fp32 weights
+        _compact(work)
         report = _validate(model, work, inputs, embed, options.decode_steps, penalty, options.quantize)
         agree = sum(a == b for a, b in zip(report["tokens"], fp32_tokens)) / len(fp32_tokens)
         report["greedy_token_agreement_with_fp32"] = agree

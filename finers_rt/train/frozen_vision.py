@@ -12,6 +12,7 @@ Typical use: `train vision` (dense per-cell labels) at a large input, then `trai
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from finers_rt.train.batch import Batch
@@ -47,6 +48,20 @@ class VisionMemo:
         if key >= 0 and len(self.store) < self.max_images:
             self.store[key] = feats
         return feats
+
+    def fill(self, images, vision_cfg, log=None) -> None:
+        """Compute the features of `images` ((key, [h, w, 3] uint8) pairs) now, so that every
+        training step costs the same (a time-limited run fits its schedule to that speed)."""
+        from finers_rt.image import preprocess_image
+
+        images = list(images)
+        for n, (key, image) in enumerate(images, 1):
+            if key in self.store or len(self.store) >= self.max_images:
+                continue
+            patches, grid = preprocess_image(np.ascontiguousarray(image), vision_cfg)
+            self.features(key, torch.from_numpy(patches), torch.tensor(grid, dtype=torch.long))
+            if log and (n % 100 == 0 or n == len(images)):
+                log(f"frozen vision: {n}/{len(images)} images")
 
     def model_inputs(self, model, batch: Batch) -> dict[str, torch.Tensor]:
         """The forward kwargs of `batch` with the image features already in `inputs_embeds`

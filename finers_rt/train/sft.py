@@ -250,6 +250,9 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     if cfg.freeze_vision:
         frozen_vision.freeze(model)
         memo = frozen_vision.VisionMemo(model.model.visual)
+        if cfg.stage == "gse":  # one image per scene: all of them up front
+            rows = sorted({image_key(cache, "gse", i) for i in range(len(cache))})
+            memo.fill(((r, cache.gse_images[r]) for r in rows), collator.vision, log)
     # the dense head joins the optimizer only when used (runs saved without it still resume)
     params = ([p for p in model.parameters() if p.requires_grad] + list(pointer.parameters())
               + (list(cells.parameters()) if cfg.dense_weight > 0 else []))
