@@ -41,8 +41,9 @@ class VisionMemo:
         hit = self.store.get(key) if key >= 0 else None
         if hit is not None:
             return hit
+        device = next(self.visual.parameters()).device
         with torch.no_grad():
-            out = self.visual(pixels, grid_thw=grid[None])
+            out = self.visual(pixels.to(device), grid_thw=grid[None].to(device))
         feats = getattr(out, "pooler_output", out).detach()
         self.computed += 1
         if key >= 0 and len(self.store) < self.max_images:
