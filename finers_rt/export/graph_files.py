@@ -4,6 +4,7 @@ the manifest's `GraphSpec` read back from the file itself."""
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,7 @@ def store_exact_fp16(path: Path, min_elements: int = 1024) -> int:
     overridable = {v.name for v in graph.input}  # an initializer that is also an input stays
     kept, casts, saved = [], [], 0
     for tensor in graph.initializer:
-        if (tensor.data_type == onnx.TensorProto.FLOAT and _elements(tensor) >= min_elements
+        if (tensor.data_type == onnx.TensorProto.FLOAT and math.prod(tensor.dims) >= min_elements
                 and tensor.name not in overridable):
             value = numpy_helper.to_array(tensor)
             half = value.astype(np.float16)
@@ -127,13 +128,6 @@ def store_exact_fp16(path: Path, min_elements: int = 1024) -> int:
     graph.node.extend(casts + nodes)
     onnx.save_model(model, str(path))
     return saved
-
-
-def _elements(tensor: onnx.TensorProto) -> int:
-    count = 1
-    for d in tensor.dims:
-        count *= d
-    return count
 
 
 def _rewire(graph: onnx.GraphProto, rename: dict[str, str]) -> None:

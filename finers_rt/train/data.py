@@ -313,10 +313,18 @@ class SampleCache:
 
         return self.scene_objects()[dense.scene_index(self.entries[index]["record"]["image_path"])]
 
+    def gse_row(self, index: int) -> int:
+        """Row of entry `index`'s GSE image in gse_images.npy (entries of one scene share it;
+        caches of older builds hold one row per entry and have no `gse_row`)."""
+        return int(self.entries[index].get("gse_row", index))
+
+    def lpr_row(self, index: int, crop: int = 0) -> int:
+        """Row of LPR item `crop` of entry `index` in the LPR arrays."""
+        return index * self.lpr_crops + crop
+
     def gse_image(self, index: int) -> np.ndarray:
-        """The GSE stage image of entry `index` [h, w, 3] uint8 (caches of older builds hold
-        one row per entry and have no `gse_row`)."""
-        return np.asarray(self.gse_images[int(self.entries[index].get("gse_row", index))])
+        """The GSE stage image of entry `index` [h, w, 3] uint8."""
+        return np.asarray(self.gse_images[self.gse_row(index)])
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -103,7 +103,7 @@ class _Task:
         entry, cache = self.cache.entries[i], self.cache
         record = entry["record"]
         if self.cfg.stage == "lpr":
-            row = i * cache.lpr_crops + crop
+            row = cache.lpr_row(i, crop)
             meta, mask = entry["lpr"][crop], np.asarray(cache.lpr_masks[row])
             return (np.asarray(cache.lpr_images[row]), lpr_prompt(record),
                     lambda text: lpr_reward(text, record, meta["box_stage"], mask)["total"])

@@ -115,17 +115,14 @@ def stage_example(cache: SampleCache, stage: str, index: int, crop: int = 0,
                 ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
     meta = entry["lpr"][crop]
     box = meta["box_stage"]
-    return (np.asarray(cache.lpr_images[index * cache.lpr_crops + crop]), lpr_prompt(record),
+    return (np.asarray(cache.lpr_images[cache.lpr_row(index, crop)]), lpr_prompt(record),
             format_lpr_answer(record, box, meta["points_stage"], option_think),
             ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
 
 
 def image_key(cache: SampleCache, stage: str, index: int, crop: int = 0) -> int:
-    """The row of entry `index`'s stage image in the cache (entries of one scene share their
-    GSE image row)."""
-    if stage == "gse":
-        return int(cache.entries[index].get("gse_row", index))
-    return index * cache.lpr_crops + crop
+    """The row of entry `index`'s stage image in the cache (the frozen-vision memo's key)."""
+    return cache.gse_row(index) if stage == "gse" else cache.lpr_row(index, crop)
 
 
 def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
