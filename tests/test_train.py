@@ -342,6 +342,10 @@ def test_bad_configs_are_typed_errors(tiny_cache, tmp_path):
     with pytest.raises(InputError, match="--init must be"):
         train_sft(_sft_config(tiny_cache, tmp_path / "o2", init=str(tmp_path / "nope")),
                   log=lambda m: None)
+    with pytest.raises(InputError, match="stage gse only"):
+        SftConfig(stage="lpr", cache_dir="c", out_dir="o", questions_per_image=4)
+    with pytest.raises(InputError, match="questions_per_image must be >= 1"):
+        SftConfig(stage="gse", cache_dir="c", out_dir="o", questions_per_image=0)
 
 
 def test_cli_train_reports_bad_input_without_traceback(tmp_path):
@@ -412,3 +416,115 @@ def test_frozen_vision_run_trains_the_lm_only_and_resumes_the_same_way(tiny_cach
     assert any(not torch.equal(a[k], b[k]) for k in a if k not in vision)
     with pytest.raises(InputError, match="freeze-vision"):
         train_sft(_sft_config(tiny_cache, out, stage="gse", steps=6), log=lambda m: None)
+
+
+# ---- shared image prefix (--questions-per-image) -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def multi_question_cache(tmp_path_factory):
+    from finers_rt.train.data import build_cache
+
+    return build_cache(tmp_path_factory.mktemp("mq"), seed=3, n_scenes=2, sizes=SIZES,
+                       lpr_crops=1, extra_questions=4)
+
+
+def _plain_and_shared(cache, collator, rows, per_scene):
+    """The same questions (first `per_scene` of each scene `rows`) as a plain and a shared batch."""
+    from finers_rt.train import dense, shared_prefix
+    from finers_rt.train.sft import stage_example
+
+    picks = [cache.scene_entries()[r][:per_scene] for r in rows]
+    examples = [stage_example(cache, "gse", i) for group in picks for i in group]
+    plain = collator(*(list(col) for col in zip(*examples)))
+    merge = collator.vision.merge_size
+    plain.image_keys = torch.tensor([r for r, g in zip(rows, picks) for _ in g])
+    plain.cell_labels = dense.batch_labels([cache.object_rows(i) for g in picks for i in g],
+                                           plain.image_grid_thw, merge)
+    shared = shared_prefix.collate_shared(
+        collator, [cache.gse_image(g[0]) for g in picks],
+        [[stage_example(cache, "gse", i)[1:] for i in g] for g in picks], keys=rows)
+    shared.prefix.cell_labels = dense.batch_labels([cache.object_rows(g[0]) for g in picks],
+                                                   shared.prefix.image_grid_thw, merge)
+    return plain, shared
+
+
+@pytest.mark.parametrize("model_class,frozen", [("stock", False), ("pointer", False),
+                                                ("pointer", True)])
+def test_shared_prefix_step_has_the_plain_batch_losses_and_gradients(
+        multi_question_cache, tmp_path, model_class, frozen):
+    import copy
+
+    from finers_rt.train import dense, frozen_vision, shared_prefix
+    from finers_rt.train.batch import Collator, PointerHead
+    from finers_rt.train.data import SampleCache
+    from finers_rt.train.sft import _train_step, build_model
+
+    cfg = _sft_config(multi_question_cache, tmp_path / "run", stage="gse", dense_weight=1.0,
+                      model_class=model_class, freeze_vision=frozen)
+    model, processor, _, _ = build_model(cfg, tmp_path / "run")
+    collator, cache = Collator(processor), SampleCache(multi_question_cache)
+    rows = sorted(cache.scene_entries())
+    plain, shared = _plain_and_shared(cache, collator, rows, 3)
+    assert shared.prefix.input_ids.shape[0] == 2 and shared.num_questions == 6
+    assert torch.equal(shared.owner, torch.tensor([0, 0, 0, 1, 1, 1]))
+    # fewer tokens through the LM than the plain batch
+    assert shared.prefix.input_ids.numel() + shared.suffix_ids.numel() < plain.input_ids.numel()
+    hidden = model.config.text_config.hidden_size
+    heads = torch.nn.ModuleDict({"pointer": PointerHead(hidden), "dense": dense.DenseHead(hidden)})
+    memo = None
+    if frozen:
+        frozen_vision.freeze(model)
+        memo = frozen_vision.VisionMemo(model.model.visual)
+
+    def step(batch, wrap):
+        m, h = copy.deepcopy(model), copy.deepcopy(heads)
+        params = [p for p in m.parameters() if p.requires_grad] + list(h.parameters())
+        m.train()
+        losses = _train_step(shared_prefix.SharedPrefixForward(m) if wrap else m, h,
+                             torch.optim.SGD(params, lr=0.0), params, batch, collator, cfg, 1, memo)
+        named = list(m.named_parameters()) + list(h.named_parameters(prefix="heads"))
+        return losses, {n: p.grad for n, p in named if p.grad is not None}
+
+    want, want_grads = step(plain, False)
+    got, got_grads = step(shared, True)
+    for term in ("text", "coord", "pointer", "axis", "dense", "loss"):
+        assert got[term] == pytest.approx(want[term], rel=1e-5, abs=1e-6), term
+    assert want["dense"] > 0 and want["pointer"] > 0
+    assert (model_class == "pointer") == (want["axis"] > 0)
+    assert set(got_grads) == set(want_grads)
+    scale = max(g.abs().max().item() for g in want_grads.values())
+    for name, grad in want_grads.items():
+        assert (got_grads[name] - grad).abs().max().item() <= 1e-5 * scale, name
+    assert not frozen or not any(".visual." in n or n.startswith("visual.") for n in want_grads)
+
+
+def test_shared_batches_draw_questions_of_one_scene_per_image_and_train(multi_question_cache,
+                                                                       tmp_path):
+    from dataclasses import replace
+
+    from finers_rt.train.batch import Collator
+    from finers_rt.train.data import SampleCache
+    from finers_rt.train.sft import build_model, sample_shared_batch, train_sft
+
+    cfg = _sft_config(multi_question_cache, tmp_path / "run", stage="gse", batch_size=5,
+                      questions_per_image=3, model_class="pointer", freeze_vision=True,
+                      dense_weight=1.0, steps=4)
+    _, processor, _, _ = build_model(cfg, tmp_path / "run")
+    collator, cache = Collator(processor), SampleCache(multi_question_cache)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        batch = sample_shared_batch(cache, cfg, collator, rng, 0)
+        keys = batch.prefix.image_keys.tolist()
+        assert len(set(keys)) == len(keys) == 2  # ceil(5 / 3) distinct scenes
+        assert batch.num_questions == 5 and batch.prefix.cell_labels.shape[0] == 2
+        counts = torch.bincount(batch.owner).tolist()
+        assert counts[0] == 3 and counts[1] == 2
+        for q in range(batch.num_questions):  # the right target for its own image
+            assert 0 <= int(batch.pointer_index[q]) < int(batch.prefix.image_spans[0, 1])
+    out = tmp_path / "train"
+    result = train_sft(replace(cfg, out_dir=str(out)), log=lambda m: None)
+    assert result["step"] == 4 and (out / "checkpoint" / "config.json").is_file()
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) and r["axis"] > 0 and r["dense"] > 0 for r in logged)
+    resumed = train_sft(replace(cfg, out_dir=str(out), steps=6), log=lambda m: None)
+    assert resumed["step"] == 6

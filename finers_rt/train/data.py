@@ -297,6 +297,7 @@ class SampleCache:
         self.lpr_masks = np.load(folder / "lpr_masks.npy", mmap_mode="r")
         self.folder = folder
         self._objects: dict[int, list[list[float]]] | None = None
+        self._scenes: dict[int, list[int]] | None = None
 
     def scene_objects(self, log=None) -> dict[int, list[list[float]]]:
         """{scene index: object rows} of this cache (`train.dense.ensure_scene_objects`: built
@@ -317,6 +318,14 @@ class SampleCache:
         """Row of entry `index`'s GSE image in gse_images.npy (entries of one scene share it;
         caches of older builds hold one row per entry and have no `gse_row`)."""
         return int(self.entries[index].get("gse_row", index))
+
+    def scene_entries(self) -> dict[int, list[int]]:
+        """{GSE image row: the entries (questions) that share it}, built once."""
+        if self._scenes is None:
+            self._scenes = {}
+            for i in range(len(self.entries)):
+                self._scenes.setdefault(self.gse_row(i), []).append(i)
+        return self._scenes
 
     def lpr_row(self, index: int, crop: int = 0) -> int:
         """Row of LPR item `crop` of entry `index` in the LPR arrays."""

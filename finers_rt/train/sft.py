@@ -26,7 +26,7 @@ import torch
 
 from finers_rt.errors import InputError
 from finers_rt.train import checkpoint as ckpt
-from finers_rt.train import dense, frozen_vision
+from finers_rt.train import dense, frozen_vision, shared_prefix
 from finers_rt.train.batch import Batch, Collator, PointerHead, token_losses
 from finers_rt.train.data import SampleCache, format_gse_answer, format_lpr_answer, gse_prompt, lpr_prompt
 
@@ -59,6 +59,7 @@ class SftConfig:
     dense_weight: float = 0.0
     option_think: bool = False
     freeze_vision: bool = False
+    questions_per_image: int = 1
     curriculum_steps: int = 0
     curriculum_start: float = 0.03
     save_every: int = 100
@@ -75,13 +76,16 @@ class SftConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise InputError(f"stage must be one of {STAGES}, got '{self.stage}'")
-        for name in ("steps", "batch_size", "save_every", "log_every"):
+        for name in ("steps", "batch_size", "save_every", "log_every", "questions_per_image"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.model_class not in MODEL_CLASSES:
             raise InputError(f"model class must be one of {MODEL_CLASSES}, got '{self.model_class}'")
         if self.dense_weight > 0 and self.stage != "gse":
             raise InputError("--dense-weight labels the GSE image (whole scene): stage gse only")
+        if self.questions_per_image > 1 and self.stage != "gse":
+            raise InputError("--questions-per-image shares the whole-scene image of GSE prompts: "
+                             "stage gse only (an LPR crop belongs to one question)")
         if self.lr <= 0 or self.min_lr < 0:
             raise InputError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
 
@@ -143,6 +147,47 @@ def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
     return batch
 
 
+def sample_shared_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
+                        rng: np.random.Generator, step: int) -> shared_prefix.SharedBatch:
+    """GSE with `questions_per_image` K > 1: up to `batch_size` questions from
+    ceil(batch_size / K) distinct scenes, each scene's image prefix computed once
+    (`shared_prefix`). A scene's first question is drawn as `sample_batch` draws (curriculum
+    weights); the others, up to K - 1, uniformly from the scene's other eligible questions."""
+    weights = cache.area_weights(min_area_at(cfg, step))
+    by_scene = cache.scene_entries()
+    n_images = -(-cfg.batch_size // cfg.questions_per_image)
+    left, rows, groups, firsts = cfg.batch_size, [], [], []
+    for first in rng.choice(len(cache), size=cfg.batch_size, p=weights):
+        row = cache.gse_row(int(first))
+        if row in rows:
+            continue
+        others = [e for e in by_scene[row] if e != first and weights[e] > 0]
+        k = min(cfg.questions_per_image, left) - 1
+        extra = rng.choice(others, size=min(k, len(others)), replace=False) if others and k > 0 else []
+        picks = [int(first)] + [int(e) for e in extra]
+        groups.append([stage_example(cache, "gse", i, 0, cfg.option_think)[1:] for i in picks])
+        rows.append(row)
+        firsts.append(int(first))
+        left -= len(picks)
+        if len(rows) == n_images or left <= 0:
+            break
+    images = [np.asarray(cache.gse_images[r]) for r in rows]
+    batch = shared_prefix.collate_shared(collator, images, groups, keys=rows)
+    if cfg.dense_weight > 0:
+        batch.prefix.cell_labels = dense.batch_labels([cache.object_rows(i) for i in firsts],
+                                                      batch.prefix.image_grid_thw,
+                                                      collator.vision.merge_size)
+    return batch
+
+
+def draw_batch(cache: SampleCache, cfg: SftConfig, collator: Collator, rng: np.random.Generator,
+               step: int):
+    """The step's batch: a `SharedBatch` with --questions-per-image > 1, else a `Batch`."""
+    if cfg.questions_per_image > 1:
+        return sample_shared_batch(cache, cfg, collator, rng, step)
+    return sample_batch(cache, cfg, collator, rng, step)
+
+
 class _BatchStream(torch.utils.data.IterableDataset):
     """Endless batches for DataLoader workers; worker w draws with SeedSequence([seed, rank,
     start step, w]) and follows the curriculum from its own count (approximate step)."""
@@ -159,7 +204,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, self.rank, self.start, wid]))
         k = 0
         while True:
-            yield sample_batch(cache, self.cfg, self.collator, rng, self.start + k * n + wid)
+            yield draw_batch(cache, self.cfg, self.collator, rng, self.start + k * n + wid)
             k += 1
 
 
@@ -170,7 +215,7 @@ def batch_stream(cache: SampleCache, cfg: SftConfig, collator: Collator, rng, st
     if cfg.workers <= 0:
         step = start
         while True:
-            yield sample_batch(cache, cfg, collator, rng, step)
+            yield draw_batch(cache, cfg, collator, rng, step)
             step += 1
     loader = torch.utils.data.DataLoader(
         _BatchStream(cfg.cache_dir, cfg, collator, start, rank), batch_size=None,
@@ -178,7 +223,9 @@ def batch_stream(cache: SampleCache, cfg: SftConfig, collator: Collator, rng, st
     yield from loader
 
 
-def batch_to(batch: Batch, device: str) -> Batch:
+def batch_to(batch, device: str):
+    if isinstance(batch, shared_prefix.SharedBatch):
+        return batch.to(device)
     if device == "cpu":
         return batch
     return Batch(**{f.name: None if getattr(batch, f.name) is None
@@ -268,9 +315,10 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         ckpt.restore_rng(rng, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         step = int(state["step"])
         log(f"resumed {run_dir} at step {step}")
-    train_model = model
+    # a shared-prefix step is two model calls (prefix, then questions): one module call for DDP
+    train_model = shared_prefix.SharedPrefixForward(model) if cfg.questions_per_image > 1 else model
     if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
     model.train()
     if cfg.freeze_vision:
         model.model.visual.eval()
@@ -320,24 +368,30 @@ def _fit_steps_to_time(cfg: SftConfig, step: int, done: int, t0: float, marks: d
     return replace(cfg, steps=fitted)
 
 
-def _train_step(train_model, heads, opt, params, batch: Batch, collator: Collator,
+def _train_step(train_model, heads, opt, params, batch, collator: Collator,
                 cfg: SftConfig, world: int, memo=None) -> dict[str, float]:
-    """One optimizer step on `batch`; returns the loss terms as floats. `heads` holds the
+    """One optimizer step on `batch` (a `Batch`, or a `SharedBatch` with a
+    `SharedPrefixForward` model); returns the loss terms as floats. `heads` holds the
     training-only "pointer" and "dense" heads; `memo` the frozen tower's features (or None)."""
-    if memo is None:
-        inputs = batch.model_inputs()
+    hf_model = _hf_model(train_model)
+    if isinstance(batch, shared_prefix.SharedBatch):
+        out_p, out = train_model(batch, memo)
+        images, last_img, last = batch.prefix, out_p.hidden_states[-1], out.hidden_states[-1]
+        point = lambda: shared_prefix.pointer_head_loss(heads["pointer"], last_img, last, batch)
     else:
-        inputs = memo.model_inputs(getattr(train_model, "module", train_model), batch)
-    out = train_model(**inputs, output_hidden_states=True)
-    last = out.hidden_states[-1]
+        inputs = batch.model_inputs() if memo is None else memo.model_inputs(hf_model, batch)
+        out = train_model(**inputs, output_hidden_states=True)
+        images, last = batch, out.hidden_states[-1]
+        last_img = last
+        point = lambda: heads["pointer"](last, batch)
     text_loss, coord_loss = token_losses(out.logits, batch.labels, collator, cfg.coord_sigma)
     zero = text_loss * 0
-    point_loss = heads["pointer"](last, batch) if cfg.pointer_weight > 0 else zero
-    axis_loss = _axis_loss(train_model, batch, cfg) if cfg.axis_weight > 0 else zero
+    point_loss = point() if cfg.pointer_weight > 0 else zero
+    axis_loss = _axis_loss(hf_model, batch, cfg) if cfg.axis_weight > 0 else zero
     dense_loss = zero
-    if cfg.dense_weight > 0 and batch.cell_labels is not None:
-        dense_loss = heads["dense"](last, batch.image_spans, batch.image_grid_thw,
-                                    batch.cell_labels, collator.vision.merge_size)
+    if cfg.dense_weight > 0 and images.cell_labels is not None:
+        dense_loss = heads["dense"](last_img, images.image_spans, images.image_grid_thw,
+                                    images.cell_labels, collator.vision.merge_size)
     loss = (text_loss + cfg.coord_weight * coord_loss + cfg.pointer_weight * point_loss
             + cfg.axis_weight * axis_loss + cfg.dense_weight * dense_loss)
     opt.zero_grad(set_to_none=True)
@@ -353,11 +407,16 @@ def _train_step(train_model, heads, opt, params, batch: Batch, collator: Collato
             "pointer": point_loss.item(), "axis": axis_loss.item(), "dense": dense_loss.item()}
 
 
-def _axis_loss(train_model, batch: Batch, cfg: SftConfig) -> torch.Tensor:
+def _hf_model(train_model):
+    """The HF model inside DDP and/or `SharedPrefixForward`."""
+    model = getattr(train_model, "module", train_model)
+    return model.model if isinstance(model, shared_prefix.SharedPrefixForward) else model
+
+
+def _axis_loss(model, batch, cfg: SftConfig) -> torch.Tensor:
     """Dense pointer supervision (pointer models only): at each answer coordinate (x, y
     alternate: bbox then points), -log of the in-model pointer's column (x) or row (y) mass on
-    the target value's cells. 0 for stock models."""
-    model = train_model.module if hasattr(train_model, "module") else train_model
+    the target value's cells (the probabilities of the model's last call). 0 for stock models."""
     head = getattr(model, "pointer", None)
     probs = getattr(head, "last_axis_probs", None)  # [B, 2, S, C]
     if probs is None:
