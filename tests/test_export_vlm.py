@@ -234,6 +234,19 @@ def test_quantized_decoder(tmp_path, tiny_vlm_dir, precision, op):
 # ---- pieces ------------------------------------------------------------------------------------
 
 
+def test_quantized_logits_are_judged_with_a_tail_allowance():
+    from finers_rt.export.validate import TOLERANCES, logits_error
+
+    want = np.array([[30.0, 28.0, 0.0, -15.0]], dtype=np.float32)  # top 30
+    tail_noise = want + np.array([[0.1, -0.1, 1.0, 3.0]], dtype=np.float32)  # 3 nats, 45 below
+    raw, judged = logits_error(tail_noise, want, TOLERANCES["int8"].logit_gap_slope)
+    assert raw == pytest.approx(3.0) and judged < TOLERANCES["int8"].logits  # passes int8
+    assert logits_error(tail_noise, want) == (pytest.approx(3.0), pytest.approx(3.0))  # plain
+    near_top = want + np.array([[0.0, 3.0, 0.0, 0.0]], dtype=np.float32)  # the runner-up moves
+    assert logits_error(near_top, want, 0.25)[1] > TOLERANCES["int8"].logits  # still fails
+    assert TOLERANCES["fp32"].logit_gap_slope == 0.0  # fp32 stays a plain bound everywhere
+
+
 def test_vision_attention_chunking_is_exact(monkeypatch):
     from finers_rt.export import vision_graph
 

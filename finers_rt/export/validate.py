@@ -4,7 +4,8 @@ One real chat prompt with an image (a synthetic image at the stage size, a FineR
 vision embeddings vs HF's vision tower; prefill logits and K/V vs HF's forward; several decode
 steps that feed the ORT decoder its own K/V and its own greedy tokens, logits vs HF with HF's
 cache on the same tokens; greedy tokens vs HF `generate`. Errors are max absolute differences;
-a miss raises `ExportParityError(graph, output, error, tolerance)`.
+a miss raises `ExportParityError(graph, output, error, tolerance)`. Quantized logits are judged
+with a tail allowance (`Tolerance.logit_gap_slope`, see `logits_error`).
 """
 
 from __future__ import annotations
@@ -20,20 +21,40 @@ from finers_rt.errors import ExportParityError
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Max absolute errors allowed per precision (image_embeds, logits, K/V)."""
+    """Max absolute errors allowed per precision (image_embeds, logits, K/V). With
+    `logit_gap_slope` s > 0 a logit g nats below the reference top logit may be off by
+    `logits + s * g` (`logits_error`)."""
 
     image_embeds: float
     logits: float
     kv: float
+    logit_gap_slope: float = 0.0
 
 
 # fp32 stays tight: top-2 logit margins of random models can be ~2e-3, so a looser bound would
-# let greedy tokens flip silently. Quantized decoders are judged loosely + token agreement.
+# let greedy tokens flip silently. Quantized decoders are judged loosely + token agreement, and
+# their allowance grows in the tail: a pointer model's coordinate logits reach 40+ nats below the
+# top (log of ~0 attention mass), where int8 noise of 2 nats changes no decision but failed a
+# plain absolute bound (measured: 2.05 on a logit 45 below the top, <= 0.11 within 10 of it).
 TOLERANCES = {
     "fp32": Tolerance(image_embeds=1e-3, logits=1e-3, kv=1e-3),
-    "int8": Tolerance(image_embeds=1e-3, logits=2.0, kv=1.0),
-    "int4": Tolerance(image_embeds=1e-3, logits=4.0, kv=2.0),
+    "int8": Tolerance(image_embeds=1e-3, logits=2.0, kv=1.0, logit_gap_slope=0.25),
+    "int4": Tolerance(image_embeds=1e-3, logits=4.0, kv=2.0, logit_gap_slope=0.25),
 }
+
+
+def logits_error(got: np.ndarray, want: np.ndarray, slope: float = 0.0) -> tuple[float, float]:
+    """(max absolute error, the error judged against `Tolerance.logits`) of logits [..., V].
+    The judged error subtracts `slope` x each logit's gap below the reference top logit, so with
+    a tolerance t and s = slope < 1 a token g nats below the top ends at least
+    g (1 - s) - 2 t below it: only tokens within 2 t / (1 - s) of the top can change places,
+    as with a plain bound of t; noise deep in the tail cannot."""
+    err = np.abs(got - want)
+    raw = float(err.max())
+    if slope <= 0:
+        return raw, raw
+    gap = want.max(axis=-1, keepdims=True) - want
+    return raw, float((err - slope * gap).max())
 
 
 @dataclass
@@ -145,9 +166,9 @@ def check_decoder(decoder_session, model, inputs: ParityInputs, image_embeds: np
                     use_cache=True)
     outs = _ort_prefill(decoder_session, num_kv_pairs(decoder_session), (kv_heads, head_dim), embeds,
                         pos.numpy())
-    result = {"prefill_logits_max_abs_err": _check(
-        "decoder", "logits", float(np.abs(outs[0] - ref.logits[:, -1].numpy()).max()), tol.logits,
-        "prefill")}
+    raw, judged = logits_error(outs[0], ref.logits[:, -1].numpy(), tol.logit_gap_slope)
+    result = {"prefill_logits_max_abs_err": raw,
+              "prefill_logits_judged_err": _check("decoder", "logits", judged, tol.logits, "prefill")}
     kv_err = 0.0
     shared = is_shared_kv(decoder_session)
     prefix = "present" if shared else "new"
@@ -167,7 +188,7 @@ def _decode_loop(session, model, outs, ref, ids, embed_tokens, delta, steps, pen
     """Greedy decode on ORT with its own cache and tokens; HF (prefill output `ref`) follows the
     same tokens. Also counts steps where ORT's and torch's greedy choice agree."""
     cache = list(outs[1:])  # per K/V: [1, T, KV, D] ("concat") or [1, KV, T, D] ("shared")
-    logits, seen, tokens, max_err = outs[0][0], list(ids.tolist()), [], 0.0
+    logits, seen, tokens, max_err, max_judged = outs[0][0], list(ids.tolist()), [], 0.0, -np.inf
     agree = []  # per step: ORT argmax == torch argmax on the same history (teacher-forced)
     ref_cache, ref_logits = ref.past_key_values, ref.logits[0, -1].numpy()
     total = len(ids)
@@ -186,13 +207,16 @@ def _decode_loop(session, model, outs, ref, ids, embed_tokens, delta, steps, pen
                         cache_position=torch.tensor([total]), use_cache=True)
         ref_cache = ref.past_key_values
         ref_logits = ref.logits[0, -1].numpy()
-        err = float(np.abs(outs[0] - ref.logits[:, -1].numpy()).max())
-        max_err = max(max_err, _check("decoder", "logits", err, tol.logits, f"decode step {step + 1}"))
+        err, judged = logits_error(outs[0], ref.logits[:, -1].numpy(), tol.logit_gap_slope)
+        max_err = max(max_err, err)
+        max_judged = max(max_judged, _check("decoder", "logits", judged, tol.logits,
+                                            f"decode step {step + 1}"))
         cache = _next_cache(session, cache, outs)
         logits, total = outs[0][0], total + 1
     tokens.append(int(np.argmax(apply_repetition_penalty(logits, seen, penalty))))
     agree.append(tokens[-1] == int(np.argmax(apply_repetition_penalty(ref_logits, seen, penalty))))
-    return {"decode_logits_max_abs_err": max_err, "decode_steps_checked": steps, "tokens": tokens,
+    return {"decode_logits_max_abs_err": max_err, "decode_logits_judged_err": float(max_judged),
+            "decode_steps_checked": steps, "tokens": tokens,
             "top1_agreement_with_torch": sum(agree) / len(agree)}
 
 

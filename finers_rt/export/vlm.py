@@ -275,7 +275,8 @@ def _validate(model, work, inputs, embed, steps, penalty, precision) -> dict:
     report = validate.check_decoder(decoder, model, inputs, image_embeds, embed, steps, penalty, tol)
     report["vision_max_abs_err"] = vision_err
     report["precision"] = precision
-    report["tolerance"] = {"image_embeds": tol.image_embeds, "logits": tol.logits, "kv": tol.kv}
+    report["tolerance"] = {"image_embeds": tol.image_embeds, "logits": tol.logits, "kv": tol.kv,
+                           "logit_gap_slope": tol.logit_gap_slope}
     return report
 
 
