@@ -88,6 +88,14 @@ class Collator:
             spans.append((prompt.index(self.image_pad_id), n_img))
             answer_pos.append(len(prompt) - 1)
             pointer.append(self._pointer_index(image.shape, grid, pointer_xy[i] if pointer_xy else None))
+        ids, mask, labels = self.pad(rows, label_rows)
+        return Batch(ids, mask, labels, torch.cat(pixels), torch.tensor(grids, dtype=torch.long),
+                     torch.tensor(pointer, dtype=torch.long), torch.tensor(spans, dtype=torch.long),
+                     torch.tensor(answer_pos, dtype=torch.long))
+
+    def pad(self, rows: list[list[int]], label_rows: list[list[int]]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded (input_ids, attention_mask, labels) [B, max len] of token rows."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -96,9 +104,7 @@ class Collator:
             ids[i, :len(r)] = torch.tensor(r)
             labels[i, :len(r)] = torch.tensor(lab)
             mask[i, :len(r)] = 1
-        return Batch(ids, mask, labels, torch.cat(pixels), torch.tensor(grids, dtype=torch.long),
-                     torch.tensor(pointer, dtype=torch.long), torch.tensor(spans, dtype=torch.long),
-                     torch.tensor(answer_pos, dtype=torch.long))
+        return ids, mask, labels
 
     def _pointer_index(self, shape, grid, xy) -> int:
         """Raster index of the merged token (processor order) that covers pixel (x, y)."""
