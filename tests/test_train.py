@@ -431,7 +431,7 @@ def multi_question_cache(tmp_path_factory):
 def _plain_and_shared(cache, collator, rows, per_scene):
     """The same questions (first `per_scene` of each scene `rows`) as a plain and a shared batch."""
     from finers_rt.train import dense, shared_prefix
-    from finers_rt.train.sft import stage_example
+    from finers_rt.train.sft import question_labels, stage_example
 
     picks = [cache.scene_entries()[r][:per_scene] for r in rows]
     examples = [stage_example(cache, "gse", i) for group in picks for i in group]
@@ -445,6 +445,7 @@ def _plain_and_shared(cache, collator, rows, per_scene):
         [[stage_example(cache, "gse", i)[1:] for i in g] for g in picks], keys=rows)
     shared.prefix.cell_labels = dense.batch_labels([cache.object_rows(g[0]) for g in picks],
                                                    shared.prefix.image_grid_thw, merge)
+    plain.query_labels = shared.query_labels = question_labels(cache, [i for g in picks for i in g])
     return plain, shared
 
 
@@ -460,7 +461,7 @@ def test_shared_prefix_step_has_the_plain_batch_losses_and_gradients(
     from finers_rt.train.sft import _train_step, build_model
 
     cfg = _sft_config(multi_question_cache, tmp_path / "run", stage="gse", dense_weight=1.0,
-                      model_class=model_class, freeze_vision=frozen)
+                      query_weight=1.0, model_class=model_class, freeze_vision=frozen)
     model, processor, _, _ = build_model(cfg, tmp_path / "run")
     collator, cache = Collator(processor), SampleCache(multi_question_cache)
     rows = sorted(cache.scene_entries())
@@ -470,7 +471,8 @@ def test_shared_prefix_step_has_the_plain_batch_losses_and_gradients(
     # fewer tokens through the LM than the plain batch
     assert shared.prefix.input_ids.numel() + shared.suffix_ids.numel() < plain.input_ids.numel()
     hidden = model.config.text_config.hidden_size
-    heads = torch.nn.ModuleDict({"pointer": PointerHead(hidden), "dense": dense.DenseHead(hidden)})
+    heads = torch.nn.ModuleDict({"pointer": PointerHead(hidden), "dense": dense.DenseHead(hidden),
+                                 "query": dense.QueryHead(hidden)})
     memo = None
     if frozen:
         frozen_vision.freeze(model)
@@ -487,9 +489,9 @@ def test_shared_prefix_step_has_the_plain_batch_losses_and_gradients(
 
     want, want_grads = step(plain, False)
     got, got_grads = step(shared, True)
-    for term in ("text", "coord", "pointer", "axis", "dense", "loss"):
+    for term in ("text", "coord", "pointer", "axis", "dense", "query", "loss"):
         assert got[term] == pytest.approx(want[term], rel=1e-5, abs=1e-6), term
-    assert want["dense"] > 0 and want["pointer"] > 0
+    assert want["dense"] > 0 and want["pointer"] > 0 and want["query"] > 0
     assert (model_class == "pointer") == (want["axis"] > 0)
     assert set(got_grads) == set(want_grads)
     scale = max(g.abs().max().item() for g in want_grads.values())
@@ -508,7 +510,7 @@ def test_shared_batches_draw_questions_of_one_scene_per_image_and_train(multi_qu
 
     cfg = _sft_config(multi_question_cache, tmp_path / "run", stage="gse", batch_size=5,
                       questions_per_image=3, model_class="pointer", freeze_vision=True,
-                      dense_weight=1.0, steps=4)
+                      dense_weight=1.0, query_weight=0.5, steps=4)
     _, processor, _, _ = build_model(cfg, tmp_path / "run")
     collator, cache = Collator(processor), SampleCache(multi_question_cache)
     rng = np.random.default_rng(0)
@@ -517,6 +519,7 @@ def test_shared_batches_draw_questions_of_one_scene_per_image_and_train(multi_qu
         keys = batch.prefix.image_keys.tolist()
         assert len(set(keys)) == len(keys) == 2  # ceil(5 / 3) distinct scenes
         assert batch.num_questions == 5 and batch.prefix.cell_labels.shape[0] == 2
+        assert batch.query_labels.shape == (5, 3) and (batch.query_labels >= 0).any()
         counts = torch.bincount(batch.owner).tolist()
         assert counts[0] == 3 and counts[1] == 2
         for q in range(batch.num_questions):  # the right target for its own image
@@ -526,5 +529,30 @@ def test_shared_batches_draw_questions_of_one_scene_per_image_and_train(multi_qu
     assert result["step"] == 4 and (out / "checkpoint" / "config.json").is_file()
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) and r["axis"] > 0 and r["dense"] > 0 for r in logged)
+    assert any(r["query"] > 0 for r in logged)
     resumed = train_sft(replace(cfg, out_dir=str(out), steps=6), log=lambda m: None)
     assert resumed["step"] == 6
+
+
+def test_query_labels_name_the_target_values_the_question_says():
+    from finers_rt.train import dense
+
+    def row(lo, colour, shape, pattern):
+        return [lo, lo, lo + 0.1, lo + 0.1, dense.ATTRIBUTES.index(colour),
+                dense.ATTRIBUTES.index(shape), dense.ATTRIBUTES.index(pattern)]
+
+    rows = [row(0.1, "red", "star", "dotted"), row(0.5, "blue", "circle", "striped")]
+    colours = [n for n, _ in dense.ATTRIBUTE_GROUPS].index("colour")
+    labels = dense.named_target_labels(rows, 1, "the striped circle below the red star")
+    part = dict(dense.ATTRIBUTE_GROUPS)
+    assert labels[colours] == -1  # 'red' is the reference object's colour, not the target's
+    assert labels[1] == dense.ATTRIBUTES.index("circle") - part["shape"].start
+    assert labels[2] == dense.ATTRIBUTES.index("striped") - part["pattern"].start
+    head = dense.QueryHead(8)
+    hidden = torch.randn(2, 5, 8)
+    loss = head(hidden, torch.tensor([4, 2]), torch.tensor([labels, [-1, -1, -1]]))
+    assert loss.item() > 0 and loss.requires_grad
+    assert head(hidden, torch.tensor([4, 2]), torch.full((2, 3), -1)).item() == 0.0
+    assert dense.target_row(rows, (0.5 * 640, 0.5 * 360, 0.6 * 640 - 1, 0.6 * 360 - 1),
+                            (640, 360)) == 1
+    assert dense.target_row(rows, (64, 36, 127, 71), (640, 360)) == 0

@@ -25,7 +25,8 @@ class Batch:
     image_grid_thw [B, 3]; pointer_index [B] (target merged-token index, -1 = none);
     image_spans [B, 2] (first image-token position, count); answer_pos [B] (last prompt pos);
     cell_labels [B, cells, A] per-image-token attribute labels (`train.dense`) or None;
-    image_keys [B] the cache row of each image (frozen-vision runs, `train.frozen_vision`) or None."""
+    image_keys [B] the cache row of each image (frozen-vision runs, `train.frozen_vision`) or None;
+    query_labels [B, fields] the target attributes each question names (`dense.QueryHead`) or None."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -37,6 +38,7 @@ class Batch:
     answer_pos: torch.Tensor
     cell_labels: torch.Tensor | None = None
     image_keys: torch.Tensor | None = None
+    query_labels: torch.Tensor | None = None
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,

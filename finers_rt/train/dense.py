@@ -209,14 +209,56 @@ def seen_fields_recall(cache, fields: tuple[str, ...], limit: int | None = None)
     per: dict[str, list[float]] = {}
     for i in range(len(cache) if limit is None else min(limit, len(cache))):
         entry = cache.entries[i]
-        record, meta = entry["record"], entry["gse"]
+        record, gt = entry["record"], entry["gse"]["gt_box_original"]
         rows = objects[scene_index(record["image_path"])]
-        gt = meta["gt_box_original"]
-        # the target is the object whose pixel box is the question's polygon box
-        target = min(range(len(rows)), key=lambda j: abs(rows[j][0] * w - gt[0])
-                     + abs(rows[j][1] * h - gt[1]) + abs(rows[j][2] * w - gt[2] - 1)
-                     + abs(rows[j][3] * h - gt[3] - 1))
+        target = target_row(rows, gt, (w, h))
         hit = expected_region_hit(rows, target, fields, record["Q"], gt, cache.sizes)
         for key in {"all", entry.get("bucket") or "all"}:
             per.setdefault(key, []).append(hit)
     return {k: float(np.mean(v)) for k, v in per.items()}
+
+
+def target_row(rows: list[list[float]], gt_box_original, scene_wh: tuple[int, int]) -> int:
+    """Index in `rows` of the question's target: the object whose pixel box is the question's
+    polygon box (`gt_box_original`, inclusive pixel bounds)."""
+    w, h = scene_wh
+    gt = gt_box_original
+    return min(range(len(rows)), key=lambda j: abs(rows[j][0] * w - gt[0])
+               + abs(rows[j][1] * h - gt[1]) + abs(rows[j][2] * w - gt[2] - 1)
+               + abs(rows[j][3] * h - gt[3] - 1))
+
+
+def named_target_labels(rows: list[list[float]], target: int, question: str) -> list[int]:
+    """Per attribute field (`ATTRIBUTE_GROUPS` order): the index, within the field, of the
+    target's value when the question names it, else -1 ('the dotted circle' -> colour -1,
+    shape circle, pattern dotted). The labels of `QueryHead`."""
+    out = []
+    for name, part in ATTRIBUTE_GROUPS:
+        value = int(rows[target][_ROW_COLUMN[name]])
+        out.append(value - part.start if ATTRIBUTES[value] in named_values(question, name) else -1)
+    return out
+
+
+class QueryHead(torch.nn.Module):
+    """Training-only: from the last prompt position's state (where the answer, and the pointer's
+    query, start) predict the target attributes the question names, one CE per field. It makes
+    the LM carry the question's words across the fixed template text that follows them."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.attributes = torch.nn.Linear(hidden, len(ATTRIBUTES))
+
+    def forward(self, hidden: torch.Tensor, answer_pos: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        """hidden [B, S, H] (last layer), answer_pos [B], labels [B, fields] (-1 = not named)
+        -> mean CE over the named (question, field) pairs (0 when none)."""
+        logits = self.attributes(hidden[torch.arange(hidden.shape[0], device=hidden.device),
+                                        answer_pos])  # [B, A]
+        losses = []
+        for k, (_name, part) in enumerate(ATTRIBUTE_GROUPS):
+            named = labels[:, k] >= 0
+            if named.any():
+                losses.append(F.cross_entropy(logits[named, part], labels[named, k],
+                                              reduction="sum"))
+        count = int((labels >= 0).sum())
+        return torch.stack(losses).sum() / count if losses else logits.sum() * 0

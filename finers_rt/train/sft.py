@@ -9,7 +9,9 @@ writes RUN_DIR/checkpoint as an HF Qwen2.5-VL folder that `finers-rt export` tak
 Losses: text CE on the answer tokens, a soft (Gaussian) CE on coordinate tokens, a
 training-only pointer loss (`batch.PointerHead`) on the LM's image-token states, for pointer
 models the in-model pointer's axis loss, and for GSE optionally the training-only dense
-per-image-token loss (`dense.DenseHead`, `--dense-weight`).
+per-image-token loss (`dense.DenseHead`, `--dense-weight`), and optionally the training-only loss
+that predicts the target attributes the question names from the last prompt position
+(`dense.QueryHead`, `--query-weight`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class SftConfig:
     model_class: str = "stock"
     axis_weight: float = 1.0
     dense_weight: float = 0.0
+    query_weight: float = 0.0
     option_think: bool = False
     freeze_vision: bool = False
     questions_per_image: int = 1
@@ -144,7 +147,21 @@ def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
     if cfg.dense_weight > 0:
         batch.cell_labels = dense.batch_labels([cache.object_rows(int(i)) for i in picks],
                                                batch.image_grid_thw, collator.vision.merge_size)
+    if cfg.query_weight > 0:
+        batch.query_labels = question_labels(cache, [int(i) for i in picks])
     return batch
+
+
+def question_labels(cache: SampleCache, indices: list[int]) -> torch.Tensor:
+    """[len(indices), fields] long: the target attributes each entry's question names
+    (`dense.named_target_labels`; -1 = not named)."""
+    out = []
+    for i in indices:
+        entry = cache.entries[i]
+        rows = cache.object_rows(i)
+        target = dense.target_row(rows, entry["gse"]["gt_box_original"], cache.sizes.scene_size_wh)
+        out.append(dense.named_target_labels(rows, target, entry["record"]["Q"]))
+    return torch.tensor(out, dtype=torch.long)
 
 
 def sample_shared_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
@@ -156,7 +173,7 @@ def sample_shared_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
     weights = cache.area_weights(min_area_at(cfg, step))
     by_scene = cache.scene_entries()
     n_images = -(-cfg.batch_size // cfg.questions_per_image)
-    left, rows, groups, firsts = cfg.batch_size, [], [], []
+    left, rows, groups, firsts, questions = cfg.batch_size, [], [], [], []
     for first in rng.choice(len(cache), size=cfg.batch_size, p=weights):
         row = cache.gse_row(int(first))
         if row in rows:
@@ -166,6 +183,7 @@ def sample_shared_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
         extra = rng.choice(others, size=min(k, len(others)), replace=False) if others and k > 0 else []
         picks = [int(first)] + [int(e) for e in extra]
         groups.append([stage_example(cache, "gse", i, 0, cfg.option_think)[1:] for i in picks])
+        questions.extend(picks)
         rows.append(row)
         firsts.append(int(first))
         left -= len(picks)
@@ -177,6 +195,8 @@ def sample_shared_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
         batch.prefix.cell_labels = dense.batch_labels([cache.object_rows(i) for i in firsts],
                                                       batch.prefix.image_grid_thw,
                                                       collator.vision.merge_size)
+    if cfg.query_weight > 0:
+        batch.query_labels = question_labels(cache, questions)
     return batch
 
 
@@ -284,11 +304,13 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     collator = Collator(processor)
     pointer = PointerHead(model.config.text_config.hidden_size)
     cells = dense.DenseHead(model.config.text_config.hidden_size)
-    if cfg.dense_weight > 0 and rank == 0:
+    query = dense.QueryHead(model.config.text_config.hidden_size)
+    needs_objects = cfg.dense_weight > 0 or cfg.query_weight > 0
+    if needs_objects and rank == 0:
         cache.scene_objects(log)  # built once by rank 0; the other ranks read it after the barrier
-    if cfg.dense_weight > 0 and world > 1:
+    if needs_objects and world > 1:
         torch.distributed.barrier()
-    heads = torch.nn.ModuleDict({"pointer": pointer, "dense": cells}).to(cfg.device)
+    heads = torch.nn.ModuleDict({"pointer": pointer, "dense": cells, "query": query}).to(cfg.device)
     model.to(cfg.device)
     memo = None
     if cfg.freeze_vision:
@@ -297,9 +319,10 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         if cfg.stage == "gse":  # one image per scene: all of them up front
             rows = sorted({image_key(cache, "gse", i) for i in range(len(cache))})
             memo.fill(((r, cache.gse_images[r]) for r in rows), collator.vision, log)
-    # the dense head joins the optimizer only when used (runs saved without it still resume)
+    # the dense / query heads join the optimizer only when used (runs saved without them resume)
     params = ([p for p in model.parameters() if p.requires_grad] + list(pointer.parameters())
-              + (list(cells.parameters()) if cfg.dense_weight > 0 else []))
+              + (list(cells.parameters()) if cfg.dense_weight > 0 else [])
+              + (list(query.parameters()) if cfg.query_weight > 0 else []))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, rank]))
     torch.manual_seed(cfg.seed + rank)
@@ -312,6 +335,8 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         pointer.load_state_dict(state["pointer"])
         if "dense" in state:
             cells.load_state_dict(state["dense"])
+        if "query" in state:
+            query.load_state_dict(state["query"])
         ckpt.restore_rng(rng, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         step = int(state["step"])
         log(f"resumed {run_dir} at step {step}")
@@ -372,7 +397,7 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
                 cfg: SftConfig, world: int, memo=None) -> dict[str, float]:
     """One optimizer step on `batch` (a `Batch`, or a `SharedBatch` with a
     `SharedPrefixForward` model); returns the loss terms as floats. `heads` holds the
-    training-only "pointer" and "dense" heads; `memo` the frozen tower's features (or None)."""
+    training-only "pointer", "dense" and "query" heads; `memo` the frozen tower's features (or None)."""
     hf_model = _hf_model(train_model)
     if isinstance(batch, shared_prefix.SharedBatch):
         out_p, out = train_model(batch, memo)
@@ -388,12 +413,16 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
     zero = text_loss * 0
     point_loss = point() if cfg.pointer_weight > 0 else zero
     axis_loss = _axis_loss(hf_model, batch, cfg) if cfg.axis_weight > 0 else zero
+    query_loss = zero
+    if cfg.query_weight > 0 and batch.query_labels is not None:
+        query_loss = heads["query"](last, batch.answer_pos, batch.query_labels)
     dense_loss = zero
     if cfg.dense_weight > 0 and images.cell_labels is not None:
         dense_loss = heads["dense"](last_img, images.image_spans, images.image_grid_thw,
                                     images.cell_labels, collator.vision.merge_size)
     loss = (text_loss + cfg.coord_weight * coord_loss + cfg.pointer_weight * point_loss
-            + cfg.axis_weight * axis_loss + cfg.dense_weight * dense_loss)
+            + cfg.axis_weight * axis_loss + cfg.dense_weight * dense_loss
+            + cfg.query_weight * query_loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if world > 1:  # the heads are outside DDP: average their gradients by hand
@@ -404,7 +433,8 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     return {"loss": loss.item(), "text": text_loss.item(), "coord": coord_loss.item(),
-            "pointer": point_loss.item(), "axis": axis_loss.item(), "dense": dense_loss.item()}
+            "pointer": point_loss.item(), "axis": axis_loss.item(), "dense": dense_loss.item(),
+            "query": query_loss.item()}
 
 
 def _hf_model(train_model):
@@ -447,7 +477,7 @@ def _log_progress(cfg: SftConfig, run_dir: Path, step: int, losses: dict[str, fl
     ckpt.append_log(run_dir, rec)
     log(f"[{cfg.stage}] step {step}/{cfg.steps} loss {rec['loss']:.3f} (ema {loss_ema:.3f}, "
         f"coord {rec['coord']:.3f}, pointer {rec['pointer']:.3f}, axis {rec['axis']:.3f}, "
-        f"dense {rec['dense']:.3f}) "
+        f"dense {rec['dense']:.3f}, query {rec['query']:.3f}) "
         f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
 
 
@@ -465,7 +495,7 @@ def _save(run_dir, model, src, heads, opt, step, rngs, cfg) -> None:
     ckpt.save_hf(model, src, run_dir / "checkpoint")
     ckpt.save_state(run_dir / "trainer_state.pt", {
         "step": step, "optimizer": opt.state_dict(), "pointer": heads["pointer"].state_dict(),
-        "dense": heads["dense"].state_dict(),
+        "dense": heads["dense"].state_dict(), "query": heads["query"].state_dict(),
         "rng": rngs, "config": asdict(cfg)})
 
 

@@ -47,6 +47,7 @@ class SharedBatch:
     owner: torch.Tensor
     pointer_index: torch.Tensor
     answer_pos: torch.Tensor
+    query_labels: torch.Tensor | None = None  # [B, fields] (`dense.QueryHead`) or None
 
     def to(self, device: str) -> SharedBatch:
         if device == "cpu":
@@ -54,7 +55,8 @@ class SharedBatch:
         prefix = Batch(**{f.name: None if getattr(self.prefix, f.name) is None
                           else getattr(self.prefix, f.name).to(device, non_blocking=True)
                           for f in fields(Batch)})
-        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True)
+        moved = {f.name: None if getattr(self, f.name) is None
+                 else getattr(self, f.name).to(device, non_blocking=True)
                  for f in fields(SharedBatch) if f.name != "prefix"}
         return SharedBatch(prefix=prefix, **moved)
 
