@@ -416,6 +416,9 @@ def test_frozen_vision_run_trains_the_lm_only_and_resumes_the_same_way(tiny_cach
     assert any(not torch.equal(a[k], b[k]) for k in a if k not in vision)
     with pytest.raises(InputError, match="freeze-vision"):
         train_sft(_sft_config(tiny_cache, out, stage="gse", steps=6), log=lambda m: None)
+    with pytest.raises(InputError, match="--query-weight off"):
+        train_sft(_sft_config(tiny_cache, out, stage="gse", freeze_vision=True, steps=6,
+                              query_weight=1.0), log=lambda m: None)
 
 
 # ---- shared image prefix (--questions-per-image) -----------------------------------------------

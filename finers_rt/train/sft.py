@@ -331,6 +331,13 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         if bool(state.get("config", {}).get("freeze_vision", False)) != cfg.freeze_vision:
             raise InputError(f"{run_dir} was trained {'with' if not cfg.freeze_vision else 'without'} "
                              "--freeze-vision: resume it the same way, or start a new --out")
+        saved = state.get("config", {})
+        for flag, key in (("--dense-weight", "dense_weight"), ("--query-weight", "query_weight")):
+            if (float(saved.get(key, 0.0)) > 0) != (getattr(cfg, key) > 0):
+                raise InputError(f"{run_dir} was trained with {flag} "
+                                 f"{'off' if getattr(cfg, key) > 0 else 'on'}: its optimizer "
+                                 "holds a different head; resume it the same way (any weight > 0 "
+                                 "counts as on), or start a new --out with --init its checkpoint")
         opt.load_state_dict(state["optimizer"])
         pointer.load_state_dict(state["pointer"])
         if "dense" in state:
