@@ -459,7 +459,7 @@ def test_shared_prefix_step_has_the_plain_batch_losses_and_gradients(
     import copy
 
     from finers_rt.train import dense, frozen_vision, shared_prefix
-    from finers_rt.train.batch import Collator, PointerHead
+    from finers_rt.train.batch import Collator, PointerHead, to_device
     from finers_rt.train.data import SampleCache
     from finers_rt.train.sft import _train_step, build_model
 
@@ -490,6 +490,11 @@ def test_shared_prefix_step_has_the_plain_batch_losses_and_gradients(
         named = list(m.named_parameters()) + list(h.named_parameters(prefix="heads"))
         return losses, {n: p.grad for n, p in named if p.grad is not None}
 
+    moved = to_device(shared, "meta")  # the non-cpu path, nested prefix batch included
+    assert moved.suffix_ids.device.type == moved.prefix.pixel_values.device.type == "meta"
+    assert moved.prefix.pointer_index.device.type == "meta" and moved.prefix.cell_labels is not None
+    assert to_device(plain, "meta").query_labels.device.type == "meta"
+    assert to_device(shared, "cpu") is shared
     want, want_grads = step(plain, False)
     got, got_grads = step(shared, True)
     for term in ("text", "coord", "pointer", "axis", "dense", "query", "loss"):

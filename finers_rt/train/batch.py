@@ -7,7 +7,7 @@ the target the assistant's answer followed by `<|im_end|>`. Only target tokens c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 
 import numpy as np
 import torch
@@ -82,14 +82,14 @@ class Collator:
             merge = self.vision.merge_size
             n_img = grid[0] * grid[1] * grid[2] // merge ** 2
             prompt = self.prompt_ids(text, n_img)
-            answer = self.tokenizer(target, add_special_tokens=False)["input_ids"] + [self.end_id]
+            answer = self.answer_ids(target)
             rows.append(prompt + answer)
             label_rows.append([IGNORE] * len(prompt) + answer)
             pixels.append(torch.from_numpy(patches))
             grids.append(grid)
             spans.append((prompt.index(self.image_pad_id), n_img))
             answer_pos.append(len(prompt) - 1)
-            pointer.append(self._pointer_index(image.shape, grid, pointer_xy[i] if pointer_xy else None))
+            pointer.append(self.pointer_cell(image.shape, grid, pointer_xy[i] if pointer_xy else None))
         ids, mask, labels = self.pad(rows, label_rows)
         return Batch(ids, mask, labels, torch.cat(pixels), torch.tensor(grids, dtype=torch.long),
                      torch.tensor(pointer, dtype=torch.long), torch.tensor(spans, dtype=torch.long),
@@ -108,7 +108,11 @@ class Collator:
             mask[i, :len(r)] = 1
         return ids, mask, labels
 
-    def _pointer_index(self, shape, grid, xy) -> int:
+    def answer_ids(self, target: str) -> list[int]:
+        """Token ids of an assistant answer: the target text, then `<|im_end|>`."""
+        return self.tokenizer(target, add_special_tokens=False)["input_ids"] + [self.end_id]
+
+    def pointer_cell(self, shape, grid, xy) -> int:
         """Raster index of the merged token (processor order) that covers pixel (x, y)."""
         if xy is None:
             return -1
@@ -167,7 +171,27 @@ class PointerHead(torch.nn.Module):
                 continue
             start, count = (int(v) for v in batch.image_spans[i])
             keys = self.key(hidden[i, start:start + count])  # [N, d]
-            query = self.query(hidden[i, int(batch.answer_pos[i])])  # [d]
-            scores = keys @ query / keys.shape[-1] ** 0.5  # [N]
-            losses.append(F.cross_entropy(scores[None], torch.tensor([target], device=scores.device)))
+            losses.append(self.cross_entropy(keys, hidden[i, int(batch.answer_pos[i])], target))
         return torch.stack(losses).mean() if losses else hidden.sum() * 0
+
+    def cross_entropy(self, keys: torch.Tensor, query_state: torch.Tensor, target: int) -> torch.Tensor:
+        """CE of the target among the image tokens: keys [N, d] (`self.key` of their states),
+        query_state [H] (the last prompt position's state)."""
+        scores = keys @ self.query(query_state) / keys.shape[-1] ** 0.5  # [N]
+        return F.cross_entropy(scores[None], torch.tensor([target], device=scores.device))
+
+
+def to_device(batch, device: str):
+    """`batch` (a `Batch` or any dataclass of tensors / None / nested such dataclasses) on
+    `device`; the same object on cpu."""
+    if device == "cpu":
+        return batch
+    moved = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if is_dataclass(value):
+            value = to_device(value, device)
+        elif value is not None:
+            value = value.to(device, non_blocking=True)
+        moved[f.name] = value
+    return type(batch)(**moved)

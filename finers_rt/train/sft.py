@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +29,7 @@ import torch
 from finers_rt.errors import InputError
 from finers_rt.train import checkpoint as ckpt
 from finers_rt.train import dense, frozen_vision, shared_prefix
-from finers_rt.train.batch import Batch, Collator, PointerHead, token_losses
+from finers_rt.train.batch import Batch, Collator, PointerHead, to_device, token_losses
 from finers_rt.train.data import SampleCache, format_gse_answer, format_lpr_answer, gse_prompt, lpr_prompt
 
 STAGES = ("gse", "lpr")
@@ -243,16 +243,6 @@ def batch_stream(cache: SampleCache, cfg: SftConfig, collator: Collator, rng, st
     yield from loader
 
 
-def batch_to(batch, device: str):
-    if isinstance(batch, shared_prefix.SharedBatch):
-        return batch.to(device)
-    if device == "cpu":
-        return batch
-    return Batch(**{f.name: None if getattr(batch, f.name) is None
-                    else getattr(batch, f.name).to(device, non_blocking=True)
-                    for f in fields(Batch)})
-
-
 def setup_distributed() -> tuple[int, int]:
     """(rank, world size); initialises torch.distributed (gloo) when run under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -359,7 +349,7 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        batch = batch_to(next(batches), cfg.device)
+        batch = to_device(next(batches), cfg.device)
         losses = _train_step(train_model, heads, opt, params, batch, collator, cfg, world, memo)
         step += 1
         cfg = _fit_steps_to_time(cfg, step, step - done_at_start, t0, marks, log)

@@ -19,11 +19,10 @@ questions per image this cuts the tokens the LM processes per question by ~3.5x.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from finers_rt.image import preprocess_image
@@ -48,17 +47,6 @@ class SharedBatch:
     pointer_index: torch.Tensor
     answer_pos: torch.Tensor
     query_labels: torch.Tensor | None = None  # [B, fields] (`dense.QueryHead`) or None
-
-    def to(self, device: str) -> SharedBatch:
-        if device == "cpu":
-            return self
-        prefix = Batch(**{f.name: None if getattr(self.prefix, f.name) is None
-                          else getattr(self.prefix, f.name).to(device, non_blocking=True)
-                          for f in fields(Batch)})
-        moved = {f.name: None if getattr(self, f.name) is None
-                 else getattr(self, f.name).to(device, non_blocking=True)
-                 for f in fields(SharedBatch) if f.name != "prefix"}
-        return SharedBatch(prefix=prefix, **moved)
 
     @property
     def num_questions(self) -> int:
@@ -89,11 +77,11 @@ def collate_shared(collator: Collator, images, groups, keys=None) -> SharedBatch
                 prefix = prompt[:split]
             elif prompt[:split] != prefix:  # cannot happen with an image-first chat template
                 raise ValueError("the questions of one image do not share the prompt prefix")
-            answer = collator.tokenizer(target, add_special_tokens=False)["input_ids"] + [collator.end_id]
+            answer = collator.answer_ids(target)
             rows.append(prompt[split:] + answer)
             label_rows.append([IGNORE] * (len(prompt) - split) + answer)
             owner.append(i)
-            pointer.append(collator._pointer_index(image.shape, grid, xy))
+            pointer.append(collator.pointer_cell(image.shape, grid, xy))
             answer_pos.append(len(prompt) - 1 - split)
         prefixes.append(prefix)
         spans.append((prefix.index(collator.image_pad_id), n_img))
@@ -161,7 +149,5 @@ def pointer_head_loss(head, prefix_hidden: torch.Tensor, suffix_hidden: torch.Te
         if img not in keys:
             start, count = (int(v) for v in batch.prefix.image_spans[img])
             keys[img] = head.key(prefix_hidden[img, start:start + count])
-        query = head.query(suffix_hidden[i, int(batch.answer_pos[i])])
-        scores = keys[img] @ query / keys[img].shape[-1] ** 0.5
-        losses.append(F.cross_entropy(scores[None], torch.tensor([target], device=scores.device)))
+        losses.append(head.cross_entropy(keys[img], suffix_hidden[i, int(batch.answer_pos[i])], target))
     return torch.stack(losses).mean() if losses else suffix_hidden.sum() * 0
