@@ -346,6 +346,8 @@ def test_bad_configs_are_typed_errors(tiny_cache, tmp_path):
         SftConfig(stage="lpr", cache_dir="c", out_dir="o", questions_per_image=4)
     with pytest.raises(InputError, match="questions_per_image must be >= 1"):
         SftConfig(stage="gse", cache_dir="c", out_dir="o", questions_per_image=0)
+    with pytest.raises(InputError, match="head lr must be >= 0"):
+        SftConfig(stage="gse", cache_dir="c", out_dir="o", head_lr=-1.0)
 
 
 def test_cli_train_reports_bad_input_without_traceback(tmp_path):
@@ -419,6 +421,34 @@ def test_frozen_vision_run_trains_the_lm_only_and_resumes_the_same_way(tiny_cach
     with pytest.raises(InputError, match="--query-weight off"):
         train_sft(_sft_config(tiny_cache, out, stage="gse", freeze_vision=True, steps=6,
                               query_weight=1.0), log=lambda m: None)
+
+
+def test_head_lr_puts_the_training_only_heads_in_their_own_group(tiny_cache, tmp_path):
+    from finers_rt.train.sft import SftConfig, lr_at, param_groups, train_sft
+
+    model_p, head_p = [torch.nn.Parameter(torch.zeros(2))], [torch.nn.Parameter(torch.zeros(3))]
+    cfg = SftConfig(stage="gse", cache_dir="c", out_dir="o", lr=1e-3)
+    assert [len(g["params"]) for g in param_groups(cfg, model_p, head_p)] == [2]
+    groups = param_groups(SftConfig(stage="gse", cache_dir="c", out_dir="o", lr=1e-3, head_lr=1e-2),
+                          model_p, head_p)
+    assert [g["params"] for g in groups] == [model_p, head_p]
+    assert [g["lr_scale"] for g in groups] == [1.0, pytest.approx(10.0)]
+    # a run with --head-lr saves both groups (heads at head_lr / lr times the model's lr) and
+    # resumes only so, with this run's --head-lr
+    out = tmp_path / "run"
+    cfg = _sft_config(tiny_cache, out, stage="gse", steps=2, query_weight=1.0, head_lr=0.01)
+    train_sft(cfg, log=lambda m: None)
+    saved = torch.load(out / "trainer_state.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert len(saved) == 2
+    assert saved[1]["lr"] == pytest.approx(0.01 / cfg.lr * saved[0]["lr"])
+    assert saved[0]["lr"] == pytest.approx(lr_at(cfg, 1))
+    with pytest.raises(InputError, match="--head-lr on"):
+        train_sft(_sft_config(tiny_cache, out, stage="gse", steps=3, query_weight=1.0),
+                  log=lambda m: None)
+    train_sft(_sft_config(tiny_cache, out, stage="gse", steps=3, query_weight=1.0, head_lr=0.02),
+              log=lambda m: None)
+    saved = torch.load(out / "trainer_state.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert saved[1]["lr"] == pytest.approx(0.02 / cfg.lr * saved[0]["lr"])
 
 
 # ---- shared image prefix (--questions-per-image) -----------------------------------------------

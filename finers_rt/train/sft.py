@@ -60,6 +60,7 @@ class SftConfig:
     axis_weight: float = 1.0
     dense_weight: float = 0.0
     query_weight: float = 0.0
+    head_lr: float = 0.0
     option_think: bool = False
     freeze_vision: bool = False
     questions_per_image: int = 1
@@ -91,6 +92,18 @@ class SftConfig:
                              "stage gse only (an LPR crop belongs to one question)")
         if self.lr <= 0 or self.min_lr < 0:
             raise InputError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
+        if self.head_lr < 0:
+            raise InputError(f"head lr must be >= 0 (0 = the model's lr), got {self.head_lr}")
+
+
+def param_groups(cfg: SftConfig, model_params: list, head_params: list) -> list[dict]:
+    """AdamW parameter groups: one for everything, or (with `head_lr` > 0) the exported
+    model's parameters at `lr` and the training-only heads (pointer, dense, query) at
+    `head_lr`, both on the same warm-up + cosine shape (the "lr_scale" each group keeps)."""
+    if cfg.head_lr <= 0:
+        return [{"params": model_params + head_params, "lr_scale": 1.0}]
+    return [{"params": model_params, "lr_scale": 1.0},
+            {"params": head_params, "lr_scale": cfg.head_lr / cfg.lr}]
 
 
 def lr_at(cfg: SftConfig, step: int) -> float:
@@ -310,10 +323,13 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
             rows = sorted({image_key(cache, "gse", i) for i in range(len(cache))})
             memo.fill(((r, cache.gse_images[r]) for r in rows), collator.vision, log)
     # the dense / query heads join the optimizer only when used (runs saved without them resume)
-    params = ([p for p in model.parameters() if p.requires_grad] + list(pointer.parameters())
-              + (list(cells.parameters()) if cfg.dense_weight > 0 else [])
-              + (list(query.parameters()) if cfg.query_weight > 0 else []))
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    head_params = (list(pointer.parameters())
+                   + (list(cells.parameters()) if cfg.dense_weight > 0 else [])
+                   + (list(query.parameters()) if cfg.query_weight > 0 else []))
+    params = [p for p in model.parameters() if p.requires_grad] + head_params
+    groups = param_groups(cfg, params[:len(params) - len(head_params)], head_params)
+    scales = [g["lr_scale"] for g in groups]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, rank]))
     torch.manual_seed(cfg.seed + rank)
     step = 0
@@ -328,7 +344,14 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
                                  f"{'off' if getattr(cfg, key) > 0 else 'on'}: its optimizer "
                                  "holds a different head; resume it the same way (any weight > 0 "
                                  "counts as on), or start a new --out with --init its checkpoint")
+        if len(state["optimizer"]["param_groups"]) != len(opt.param_groups):
+            raise InputError(f"{run_dir} was trained with --head-lr "
+                             f"{'off' if cfg.head_lr > 0 else 'on'}: its optimizer holds "
+                             f"{len(state['optimizer']['param_groups'])} parameter group(s); resume it "
+                             "the same way, or start a new --out with --init its checkpoint")
         opt.load_state_dict(state["optimizer"])
+        for group, scale in zip(opt.param_groups, scales):  # this run's --head-lr, not the saved one
+            group["lr_scale"] = scale
         pointer.load_state_dict(state["pointer"])
         if "dense" in state:
             cells.load_state_dict(state["dense"])
@@ -348,7 +371,7 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     batches = batch_stream(cache, cfg, collator, rng, step, rank)
     while step < cfg.steps:
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
+            group["lr"] = lr_at(cfg, step) * group.get("lr_scale", 1.0)
         batch = to_device(next(batches), cfg.device)
         losses = _train_step(train_model, heads, opt, params, batch, collator, cfg, world, memo)
         step += 1
