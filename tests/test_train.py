@@ -423,6 +423,30 @@ def test_frozen_vision_run_trains_the_lm_only_and_resumes_the_same_way(tiny_cach
                               query_weight=1.0), log=lambda m: None)
 
 
+def test_blank_image_runs_train_question_reading_only(tiny_cache, tmp_path):
+    import json
+
+    from finers_rt.export.checkpoints import load_processor
+    from finers_rt.train.batch import Collator
+    from finers_rt.train.sft import SftConfig, blank_image, train_sft
+
+    with pytest.raises(InputError, match="--blank-image trains only"):
+        SftConfig(stage="gse", cache_dir="c", out_dir="o", blank_image=True)
+    with pytest.raises(InputError, match="--blank-image trains only"):
+        SftConfig(stage="gse", cache_dir="c", out_dir="o", blank_image=True, query_weight=1.0,
+                  questions_per_image=2)
+    out = tmp_path / "run"
+    train_sft(_sft_config(tiny_cache, out, stage="gse", steps=3, query_weight=1.0,
+                          blank_image=True, freeze_vision=True), log=lambda m: None)
+    collator = Collator(load_processor(out / "checkpoint"))
+    image = blank_image(collator)
+    assert image.shape[0] * image.shape[1] >= collator.vision.min_pixels
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "step" in r and "query" in r]
+    assert steps and all(r["text"] == 0 and r["coord"] == 0 and r["pointer"] == 0 for r in steps)
+    assert any(r["query"] > 0 for r in steps)
+
+
 def test_head_lr_puts_the_training_only_heads_in_their_own_group(tiny_cache, tmp_path):
     from finers_rt.train.sft import SftConfig, lr_at, param_groups, train_sft
 

@@ -61,6 +61,7 @@ class SftConfig:
     dense_weight: float = 0.0
     query_weight: float = 0.0
     head_lr: float = 0.0
+    blank_image: bool = False
     option_think: bool = False
     freeze_vision: bool = False
     questions_per_image: int = 1
@@ -92,6 +93,10 @@ class SftConfig:
                              "stage gse only (an LPR crop belongs to one question)")
         if self.lr <= 0 or self.min_lr < 0:
             raise InputError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
+        if self.blank_image and (self.query_weight <= 0 or self.dense_weight > 0
+                                 or self.questions_per_image > 1):
+            raise InputError("--blank-image trains only the question-reading loss: it needs "
+                             "--query-weight > 0, and no --dense-weight or --questions-per-image")
         if self.head_lr < 0:
             raise InputError(f"head lr must be >= 0 (0 = the model's lr), got {self.head_lr}")
 
@@ -153,8 +158,10 @@ def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
     examples = [stage_example(cache, cfg.stage, int(i), int(k), cfg.option_think)
                 for i, k in zip(picks, crops)]
     images, texts, targets, pointers = (list(col) for col in zip(*examples))
+    if cfg.blank_image:
+        images, pointers = [blank_image(collator)] * len(images), None
     batch = collator(images, texts, targets, pointers)
-    if cfg.freeze_vision:
+    if cfg.freeze_vision and not cfg.blank_image:
         batch.image_keys = torch.tensor([image_key(cache, cfg.stage, int(i), int(k))
                                          for i, k in zip(picks, crops)], dtype=torch.long)
     if cfg.dense_weight > 0:
@@ -163,6 +170,15 @@ def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
     if cfg.query_weight > 0:
         batch.query_labels = question_labels(cache, [int(i) for i in picks])
     return batch
+
+
+def blank_image(collator: Collator) -> np.ndarray:
+    """The smallest image the processor takes as is (mid-grey, one merged window per
+    `merge_size` patches a side: 56x56, 4 image tokens, for Qwen2.5-VL's 3136 min pixels)."""
+    vision = collator.vision
+    unit = vision.patch_size * vision.merge_size
+    side = unit * max(1, math.ceil(math.sqrt(vision.min_pixels) / unit))
+    return np.full((side, side, 3), 128, np.uint8)
 
 
 def question_labels(cache: SampleCache, indices: list[int]) -> torch.Tensor:
@@ -318,6 +334,7 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     memo = None
     if cfg.freeze_vision:
         frozen_vision.freeze(model)
+    if cfg.freeze_vision and not cfg.blank_image:  # blank images are not in the memo
         memo = frozen_vision.VisionMemo(model.model.visual)
         if cfg.stage == "gse":  # one image per scene: all of them up front
             rows = sorted({image_key(cache, "gse", i) for i in range(len(cache))})
@@ -429,10 +446,14 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
         images, last = batch, out.hidden_states[-1]
         last_img = last
         point = lambda: heads["pointer"](last, batch)
-    text_loss, coord_loss = token_losses(out.logits, batch.labels, collator, cfg.coord_sigma)
-    zero = text_loss * 0
-    point_loss = point() if cfg.pointer_weight > 0 else zero
-    axis_loss = _axis_loss(hf_model, batch, cfg) if cfg.axis_weight > 0 else zero
+    if cfg.blank_image:  # no image to read coordinates or options from: question reading only
+        zero = out.logits.sum() * 0
+        text_loss = coord_loss = point_loss = axis_loss = zero
+    else:
+        text_loss, coord_loss = token_losses(out.logits, batch.labels, collator, cfg.coord_sigma)
+        zero = text_loss * 0
+        point_loss = point() if cfg.pointer_weight > 0 else zero
+        axis_loss = _axis_loss(hf_model, batch, cfg) if cfg.axis_weight > 0 else zero
     query_loss = zero
     if cfg.query_weight > 0 and batch.query_labels is not None:
         query_loss = heads["query"](last, batch.answer_pos, batch.query_labels)
