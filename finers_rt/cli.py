@@ -354,7 +354,7 @@ def _sft_command(stage: str):
         axis_weight: float = typer.Option(1.0, "--axis-weight", help="Weight of the dense pointer-axis loss (pointer models only)."),
         dense_weight: float = typer.Option(0.0, "--dense-weight", help="GSE only: weight of the training-only per-image-token attribute + position loss (0 = off)."),
         query_weight: float = typer.Option(0.0, "--query-weight", help="Weight of the training-only loss that predicts, from the last prompt position, the target attributes the question names (0 = off)."),
-        blank_image: bool = typer.Option(False, "--blank-image", help="Question-reading warm-up: every question is shown with a blank minimal image (4 image tokens) and only the --query-weight loss trains; ~6x cheaper per question than a 1288x728 GSE sample."),
+        blank_image: bool = typer.Option(False, "--blank-image", help="Question-reading warm-up: every question is shown with a blank minimal image (4 image tokens) and only the --query-weight loss trains (~260 LM tokens per question, against ~1,470 for a 1288x728 GSE sample)."),
         head_lr: float = typer.Option(0.0, "--head-lr", help="Peak learning rate of the training-only heads (pointer, dense, query; same schedule shape); 0 = --lr."),
         freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Keep the vision tower as --init has it (no gradient); each image's features are computed once and reused (e.g. after `train vision`)."),
         questions_per_image: int = typer.Option(1, "--questions-per-image", help="GSE only: draw up to N questions per scene and compute each scene's image prefix once per step (same losses, ~3.5x fewer LM tokens per question at 1288x728 with 8)."),
