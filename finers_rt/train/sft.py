@@ -343,8 +343,9 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     head_params = (list(pointer.parameters())
                    + (list(cells.parameters()) if cfg.dense_weight > 0 else [])
                    + (list(query.parameters()) if cfg.query_weight > 0 else []))
-    params = [p for p in model.parameters() if p.requires_grad] + head_params
-    groups = param_groups(cfg, params[:len(params) - len(head_params)], head_params)
+    model_params = [p for p in model.parameters() if p.requires_grad]
+    params = model_params + head_params
+    groups = param_groups(cfg, model_params, head_params)
     scales = [g["lr_scale"] for g in groups]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, rank]))
