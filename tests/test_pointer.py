@@ -188,3 +188,107 @@ def test_add_pointer_upgrades_a_pointer_checkpoint_without_shift(pointer_dirs, t
     assert after.pointer.shift is not None
     torch.testing.assert_close(after.pointer.key.weight, before.pointer.key.weight)
     torch.testing.assert_close(after.lm_head.weight, before.lm_head.weight)
+
+
+@pytest.fixture(scope="module")
+def joint_dir(pointer_dirs, tmp_path_factory):
+    """The per-axis pointer checkpoint made joint, its key / query seeded with large weights so
+    the pointer term moves greedy choices."""
+    from finers_rt.export.pointer import add_pointer, load_vlm
+
+    _, ptr = pointer_dirs
+    model = load_vlm(ptr, dtype=torch.float32)
+    hidden, dim = model.config.text_config.hidden_size, model.pointer.head_dim
+    gen = torch.Generator().manual_seed(7)
+    seed = {"key.weight": torch.randn(dim, hidden, generator=gen) * 0.5,
+            "key.bias": torch.randn(dim, generator=gen) * 0.5,
+            "query.weight": torch.randn(dim, hidden, generator=gen) * 0.5,
+            "query.bias": torch.randn(dim, generator=gen) * 0.5}
+    return add_pointer(ptr, tmp_path_factory.mktemp("joint") / "joint", joint=True, seed=seed), seed
+
+
+def test_joint_pointer_axes_are_the_marginals_of_one_attention(pointer_dirs, joint_dir):
+    from finers_rt.export.checkpoints import load_reference
+    from finers_rt.export.pointer import (causal_additive_mask, is_joint, pointer_axis_probs,
+                                          pointer_cells, pointer_kv)
+
+    _, ptr = pointer_dirs
+    joint, seed = joint_dir
+    assert is_joint(joint) and not is_joint(ptr)
+    model, _ = load_reference(joint)
+    before, _ = load_reference(ptr)
+    head = model.pointer
+    torch.testing.assert_close(head.key.weight, seed["key.weight"])
+    torch.testing.assert_close(head.query.bias, seed["query.bias"])
+    torch.testing.assert_close(model.lm_head.weight, before.lm_head.weight)  # the rest is kept
+    torch.testing.assert_close(head.shift.weight, before.pointer.shift.weight)
+    inputs = _prompt_inputs(joint, _image(2))
+    with torch.no_grad():
+        out = model.model(**inputs)
+        pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"], None,
+                                            attention_mask=inputs["attention_mask"])
+        hidden = out.last_hidden_state
+        keys, values = pointer_kv(head, hidden, pos)
+        seq = hidden.shape[1]
+        mask = causal_additive_mask(None, 1, seq, seq, hidden.dtype, hidden.device)
+        p_axis = pointer_axis_probs(head, hidden, keys, values, mask)  # [1, 2, S, C]
+        # one attention over the tokens: its column and row marginals are the two axes
+        q = head.query(hidden[0])
+        k = head.key(hidden[0])
+        probs = torch.softmax(q @ k.T * head.head_dim ** -0.5 + mask[0, 0], dim=-1)  # [S, S]
+    cells = pointer_cells(pos)[0].long()  # [S, 2]
+    col = torch.zeros(seq, head.num_cells).index_add_(1, cells[:, 0], probs)
+    row = torch.zeros(seq, head.num_cells).index_add_(1, cells[:, 1], probs)
+    torch.testing.assert_close(p_axis[0, 0], col)
+    torch.testing.assert_close(p_axis[0, 1], row)
+    assert not torch.allclose(p_axis[0, 0, -1], p_axis[0, 1, -1])
+
+
+def test_joint_pointer_export_parity_and_runtime_greedy(joint_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from finers_rt.export.vlm import VlmExportOptions, export_vlm
+    from finers_rt.vlm import VlmStage
+
+    joint, _ = joint_dir
+    manifest = export_vlm(joint, tmp_path / "stage", VlmExportOptions(
+        role="gse", image_size_wh=(112, 84), kv_cache="shared"))
+    assert manifest.validation["greedy_tokens_equal"] is True
+    assert manifest.validation["prefill_logits_max_abs_err"] < 1e-3
+    stage = VlmStage.load(tmp_path / "stage")
+    result = stage.generate(_image(3, (112, 84)), QUESTION, max_new_tokens=12)
+    assert len(result.token_ids) > 0
+
+
+def test_joint_pointer_training_seeds_from_the_runs_pointer_head(tmp_path):
+    import json
+
+    from finers_rt.errors import InputError
+    from finers_rt.export.pointer import is_joint, load_vlm
+    from finers_rt.train.data import build_cache
+    from finers_rt.train.sft import SftConfig, train_sft
+
+    cache = build_cache(tmp_path / "cache", seed=4, n_scenes=2, sizes=SIZES, lpr_crops=1)
+    first = tmp_path / "first"
+    base = dict(stage="gse", cache_dir=str(cache), batch_size=2, lr=3e-3, warmup=1,
+                log_every=1, seed=1, model_class="pointer")
+    train_sft(SftConfig(out_dir=str(first), init="test", steps=2, save_every=2, **base),
+              log=lambda m: None)
+    assert not is_joint(first / "checkpoint")
+    aux = torch.load(first / "trainer_state.pt", weights_only=False)["pointer"]
+    second = tmp_path / "second"
+    messages = []
+    train_sft(SftConfig(out_dir=str(second), init=str(first / "checkpoint"), steps=2,
+                        save_every=2, joint_pointer=True, **base), log=messages.append)
+    assert any("seeded from the training-only pointer head" in m for m in messages)
+    init = load_vlm(second / "init_pointer", dtype=torch.float32)
+    assert init.pointer.joint
+    torch.testing.assert_close(init.pointer.key.weight, aux["key.weight"])
+    torch.testing.assert_close(init.pointer.query.bias, aux["query.bias"])
+    assert is_joint(second / "checkpoint")
+    log = [json.loads(line) for line in (second / "log.jsonl").read_text().splitlines()]
+    assert all(r["joint"] > 0 for r in log) and all(r["axis"] > 0 for r in log)
+    first_log = [json.loads(line) for line in (first / "log.jsonl").read_text().splitlines()]
+    assert all(r["joint"] == 0 for r in first_log)  # per-axis pointers have no token loss
+    with pytest.raises(InputError, match="--model-class pointer"):
+        SftConfig(stage="gse", cache_dir=str(cache), out_dir=str(tmp_path / "x"),
+                  joint_pointer=True)

@@ -6,7 +6,7 @@ the target still cannot say WHERE it is as a number. The pointer reads positions
 
 How (the same rule in HF and in the exported decoder graph, see `pointer_kv`/`pointer_logits`):
 - every token i (prefill and decode) gets pointer keys k_i = W_k(final normed hidden_i), two
-  heads (x, y), and a pointer value holding its grid cell taken ONLY from the M-RoPE position ids
+  heads (x, y; one key shared by both in a "joint" pointer, see below), and a pointer value holding its grid cell taken ONLY from the M-RoPE position ids
   (t, h, w): col = w - t, row = h - t (text tokens have t = h = w, so they sit in cell (0, 0);
   their learned keys keep them out of the way). Keys/values are cached as ONE extra K/V pair
   with the LM layers' per-pair shape: key heads 0/1 = x/y keys, value head 0/1 = one-hot of the
@@ -19,6 +19,11 @@ How (the same rule in HF and in the exported decoder graph, see `pointer_kv`/`po
   where W[v] spreads value v over the two nearest cell centres (cell = patch * merge pixels of
   the stage image) and g = softplus gates (the model learns which axis the next token is).
 The output is still ordinary vocabulary logits, so the runtime decodes FineRS text unchanged.
+A "joint" pointer (settings `joint: true`) uses ONE key and ONE query for both axes: p_col and
+p_row are then the column and row marginals of a single attention over the tokens, so x and y
+follow the same token (with separate x/y attentions, two look-alikes give four equally likely
+(x, y) pairs). Its token attention can be trained directly (CE on the target's image token).
+The graph is the same either way: the shared key/query are written into heads 0 and 1.
 The HF config carries a `finers_pointer` dict; stock checkpoints (no dict) load the stock class.
 """
 
@@ -41,13 +46,15 @@ POINTER_KEY = "finers_pointer"
 POINTER_EPS = 1e-6
 
 
-def pointer_settings(coord_ids_values: dict[int, int], cell_px: int, max_value: int) -> dict[str, Any]:
-    """The `finers_pointer` config dict for a tokenizer's coordinate tokens {id: value}."""
+def pointer_settings(coord_ids_values: dict[int, int], cell_px: int, max_value: int,
+                     joint: bool = False) -> dict[str, Any]:
+    """The `finers_pointer` config dict for a tokenizer's coordinate tokens {id: value};
+    `joint`: one attention (shared key and query) for both axes."""
     ids = sorted(coord_ids_values)
     return {"version": 1, "coord_token_ids": ids,
             "coord_values": [int(coord_ids_values[i]) for i in ids],
             "cell_px": int(cell_px), "num_cells": int(max_value) // int(cell_px) + 1,
-            "eps": POINTER_EPS, "shift": True}
+            "eps": POINTER_EPS, "shift": True, "joint": bool(joint)}
 
 
 def cell_weights(settings: dict[str, Any], vocab_size: int, num_cells: int | None = None) -> torch.Tensor:
@@ -90,8 +97,11 @@ class PointerHead(nn.Module):
         # a cell is a one-hot slot of a pointer value vector, so at most head_dim cells per axis
         self.num_cells = min(int(settings["num_cells"]), head_dim)
         self.eps = float(settings.get("eps", POINTER_EPS))
-        self.key = nn.Linear(hidden, 2 * head_dim)
-        self.query = nn.Linear(hidden, 2 * head_dim)
+        # joint: one key / query for both axes (p_col, p_row = marginals of one attention)
+        self.joint = bool(settings.get("joint", False))
+        heads = 1 if self.joint else 2
+        self.key = nn.Linear(hidden, heads * head_dim)
+        self.query = nn.Linear(hidden, heads * head_dim)
         self.gate = nn.Linear(hidden, 2)
         # optional learned shift (in cells) of each axis distribution: a GSE region's x1 sits
         # 1.5 cells left of the target the pointer finds, a box edge half a width away
@@ -102,6 +112,16 @@ class PointerHead(nn.Module):
         self.register_buffer("cells", torch.arange(self.num_cells, dtype=torch.float32),
                              persistent=False)
         self.register_buffer("slots", torch.arange(head_dim, dtype=torch.float32), persistent=False)
+
+
+def pointer_heads(head: PointerHead, projection: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, H] -> the (x, y) pointer keys or queries [B, S, 2, D] of `projection`
+    (`head.key` or `head.query`); a joint pointer's one projection serves both axes."""
+    bsz, seq = hidden.shape[0], hidden.shape[1]
+    out = projection(hidden)
+    if head.joint:
+        return out[:, :, None, :].expand(bsz, seq, 2, head.head_dim)
+    return out.view(bsz, seq, 2, head.head_dim)
 
 
 def pointer_cells(position_ids: torch.Tensor) -> torch.Tensor:
@@ -117,7 +137,7 @@ def pointer_kv(head: PointerHead, hidden: torch.Tensor, position_ids: torch.Tens
     one-hot of its row (D slots); other heads 0. Attention with these values returns the
     distribution over cells directly, so any attention kernel (HF, plain ops, fused GQA) works."""
     bsz, seq = hidden.shape[0], hidden.shape[1]
-    keys = head.key(hidden).view(bsz, seq, 2, head.head_dim)
+    keys = pointer_heads(head, head.key, hidden)
     cells = pointer_cells(position_ids)  # [B, S, 2]
     values = (cells[..., None] == head.slots).to(hidden.dtype)  # [B, S, 2, D]
     pad = head.num_kv_heads - 2
@@ -131,11 +151,12 @@ def pointer_axis_probs(head: PointerHead, hidden: torch.Tensor, keys: torch.Tens
                        values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """hidden [B, S, H], keys/values [B, T, KV, D] (cached + new), additive mask [B, 1, S, T]
     -> p_axis [B, 2, S, C]: column (x) and row (y) distributions of the queries' attention."""
-    bsz, seq = hidden.shape[0], hidden.shape[1]
-    q = head.query(hidden).view(bsz, seq, 2, head.head_dim).transpose(1, 2)  # [B, 2, S, D]
+    q = pointer_heads(head, head.query, hidden).transpose(1, 2)  # [B, 2, S, D]
     k = keys[:, :, 0:2, :].transpose(1, 2)  # [B, 2, T, D]
     scores = torch.matmul(q, k.transpose(2, 3)) * head.head_dim ** -0.5 + mask  # [B, 2, S, T]
     probs = torch.softmax(scores, dim=-1)
+    if head.training and head.joint:
+        head.last_token_probs = probs[:, 0]  # [B, S, T], for the training-only joint loss
     return torch.matmul(probs, values[:, :, 0:2, :].transpose(1, 2))[..., :head.num_cells]
 
 
@@ -272,11 +293,25 @@ def load_vlm(hf_dir: str | Path, **kwargs):
     return model_class_for(hf_dir).from_pretrained(str(hf_dir), **kwargs)
 
 
-def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = None) -> Path:
+def is_joint(hf_dir: str | Path) -> bool:
+    """Whether the HF folder's pointer is a joint one (one attention for both axes)."""
+    try:
+        settings = json.loads((Path(hf_dir) / "config.json").read_text()).get(POINTER_KEY) or {}
+    except (OSError, ValueError):
+        return False
+    return bool(settings.get("joint", False))
+
+
+def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = None,
+                joint: bool | None = None, seed: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `src_dir` (a finers-tiny-style checkpoint with coordinate tokens) as a pointer
     checkpoint at `out_dir` with the current pointer settings: same weights, fresh weights for
     the pointer parts the source lacks (all of them for a stock checkpoint; the shift for a
-    pointer checkpoint written before it existed)."""
+    pointer checkpoint written before it existed). `joint`: make the pointer joint (True) or
+    per-axis (False); None keeps the source's kind (per-axis for a stock source). Switching
+    kind gives fresh key / query weights, or `seed`'s: a state dict with "key.weight",
+    "key.bias", "query.weight", "query.bias" of one head (e.g. the training-only
+    `batch.PointerHead`, which scores image tokens the same way), used where its shapes fit."""
     from transformers import AutoConfig, AutoTokenizer
 
     from finers_rt.train.checkpoint import copy_processor_files
@@ -291,8 +326,22 @@ def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = 
     if cell_px is None:
         vision = config.vision_config
         cell_px = old.get("cell_px") or vision.patch_size * vision.spatial_merge_size
-    setattr(config, POINTER_KEY, pointer_settings(coords, cell_px, COORD_MAX))
-    model = FinersPointerQwen2_5_VL.from_pretrained(str(src), config=config, dtype=torch.float32)
+    was_joint = bool(old.get("joint", False))
+    joint = was_joint if joint is None else bool(joint)
+    switched = bool(old) and joint != was_joint
+    setattr(config, POINTER_KEY, pointer_settings(coords, cell_px, COORD_MAX, joint=joint))
+    # a kind switch changes the key / query shapes: those two start fresh (or from `seed`)
+    model = FinersPointerQwen2_5_VL.from_pretrained(str(src), config=config, dtype=torch.float32,
+                                                    ignore_mismatched_sizes=switched)
+    if seed is not None and joint:
+        head = model.pointer
+        with torch.no_grad():
+            for name in ("key.weight", "key.bias", "query.weight", "query.bias"):
+                target = head.get_parameter(name)
+                if name not in seed or tuple(seed[name].shape) != tuple(target.shape):
+                    raise ArtifactError(f"the pointer seed's '{name}' does not fit this model "
+                                        f"(wants shape {tuple(target.shape)})")
+                target.copy_(seed[name])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     copy_processor_files(src, out)
@@ -345,7 +394,7 @@ class SharedKvPointerStep(SharedKvDecoderStep):
         bsz, seq = hidden.shape[0], hidden.shape[1]
         kv, dim = self.num_kv_heads, self.head_dim
         keys, values = pointer_kv(self.pointer, hidden, position_ids)  # [B, S, KV, D]
-        q = self.pointer.query(hidden)  # [B, S, 2 * D]
+        q = pointer_heads(self.pointer, self.pointer.query, hidden).reshape(bsz, seq, 2 * dim)
         if kv > 2:
             q = torch.cat([q, q.new_zeros(bsz, seq, (kv - 2) * dim)], dim=-1)
         out, present_k, present_v = _GroupQueryAttention.apply(

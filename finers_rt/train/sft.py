@@ -58,6 +58,8 @@ class SftConfig:
     pointer_weight: float = 1.0
     model_class: str = "stock"
     axis_weight: float = 1.0
+    joint_pointer: bool = False
+    joint_weight: float = 1.0
     dense_weight: float = 0.0
     query_weight: float = 0.0
     head_lr: float = 0.0
@@ -99,6 +101,11 @@ class SftConfig:
                              "--query-weight > 0, and no --dense-weight or --questions-per-image")
         if self.head_lr < 0:
             raise InputError(f"head lr must be >= 0 (0 = the model's lr), got {self.head_lr}")
+        if self.joint_pointer and self.model_class != "pointer":
+            raise InputError("--joint-pointer makes the in-model pointer joint: it needs "
+                             "--model-class pointer")
+        if self.joint_weight < 0:
+            raise InputError(f"joint weight must be >= 0, got {self.joint_weight}")
 
 
 def param_groups(cfg: SftConfig, model_params: list, head_params: list) -> list[dict]:
@@ -280,10 +287,26 @@ def setup_distributed() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), world
 
 
-def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0):
+def joint_seed(init_dir: Path, log: Callable[[str], None] = print) -> dict | None:
+    """The training-only joint pointer head (`batch.PointerHead`) of the run whose checkpoint
+    `init_dir` is (`<run>/checkpoint` next to `<run>/trainer_state.pt`), to seed a new joint
+    in-model pointer with: both score image tokens as softmax(q . k / sqrt(d)) of the final
+    normed states (the head's width is the model's head_dim), so the in-model pointer starts
+    where the head had got to. None when there is no such run state (fresh weights then)."""
+    state_path = Path(init_dir).parent / "trainer_state.pt"
+    if Path(init_dir).name != "checkpoint" or not state_path.is_file():
+        return None
+    head = ckpt.load_state(state_path).get("pointer")
+    if not head:
+        return None
+    log(f"joint pointer: key / query seeded from the training-only pointer head of {state_path}")
+    return head
+
+
+def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0, log: Callable[[str], None] = print):
     """(model, processor, source folder of the processor files, resumed state or None)."""
     from finers_rt.export.checkpoints import load_processor
-    from finers_rt.export.pointer import add_pointer, has_pointer, load_vlm
+    from finers_rt.export.pointer import add_pointer, has_pointer, is_joint, load_vlm
     from finers_rt.train.model import MODEL_CONFIGS, make_initial_checkpoint
 
     state_path = run_dir / "trainer_state.pt"
@@ -301,11 +324,14 @@ def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0):
         if not (src / "config.json").is_file():
             raise InputError(f"--init must be a model config {sorted(MODEL_CONFIGS)} or an HF "
                              f"folder, got '{cfg.init}'")
-    if state is None and cfg.model_class == "pointer" and not has_pointer(src):
+    needs_pointer = cfg.model_class == "pointer" and not has_pointer(src)
+    needs_joint = cfg.joint_pointer and not is_joint(src)
+    if state is None and (needs_pointer or needs_joint):
         stock, src = src, run_dir / "init_pointer"
         if rank == 0 and not (src / "config.json").is_file():
             torch.manual_seed(cfg.seed)
-            add_pointer(stock, src)
+            seed = joint_seed(stock, log) if needs_joint else None
+            add_pointer(stock, src, joint=True if cfg.joint_pointer else None, seed=seed)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     model = load_vlm(src, dtype=torch.float32, attn_implementation="sdpa")
@@ -319,9 +345,10 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = SampleCache(cfg.cache_dir)
-    model, processor, src, state = build_model(cfg, run_dir, rank)
+    model, processor, src, state = build_model(cfg, run_dir, rank, log)
     collator = Collator(processor)
-    pointer = PointerHead(model.config.text_config.hidden_size)
+    text = model.config.text_config  # the aux head scores like the in-model pointer (joint_seed)
+    pointer = PointerHead(text.hidden_size, dim=text.hidden_size // text.num_attention_heads)
     cells = dense.DenseHead(model.config.text_config.hidden_size)
     query = dense.QueryHead(model.config.text_config.hidden_size)
     needs_objects = cfg.dense_weight > 0 or cfg.query_weight > 0
@@ -449,12 +476,13 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
         point = lambda: heads["pointer"](last, batch)
     if cfg.blank_image:  # no image to read coordinates or options from: question reading only
         zero = out.logits.sum() * 0
-        text_loss = coord_loss = point_loss = axis_loss = zero
+        text_loss = coord_loss = point_loss = axis_loss = joint_loss = zero
     else:
         text_loss, coord_loss = token_losses(out.logits, batch.labels, collator, cfg.coord_sigma)
         zero = text_loss * 0
         point_loss = point() if cfg.pointer_weight > 0 else zero
         axis_loss = _axis_loss(hf_model, batch, cfg) if cfg.axis_weight > 0 else zero
+        joint_loss = _joint_loss(hf_model, batch, cfg) if cfg.joint_weight > 0 else zero
     query_loss = zero
     if cfg.query_weight > 0 and batch.query_labels is not None:
         query_loss = heads["query"](last, batch.answer_pos, batch.query_labels)
@@ -463,7 +491,8 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
         dense_loss = heads["dense"](last_img, images.image_spans, images.image_grid_thw,
                                     images.cell_labels, collator.vision.merge_size)
     loss = (text_loss + cfg.coord_weight * coord_loss + cfg.pointer_weight * point_loss
-            + cfg.axis_weight * axis_loss + cfg.dense_weight * dense_loss
+            + cfg.axis_weight * axis_loss + cfg.joint_weight * joint_loss
+            + cfg.dense_weight * dense_loss
             + cfg.query_weight * query_loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -475,7 +504,8 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     return {"loss": loss.item(), "text": text_loss.item(), "coord": coord_loss.item(),
-            "pointer": point_loss.item(), "axis": axis_loss.item(), "dense": dense_loss.item(),
+            "pointer": point_loss.item(), "axis": axis_loss.item(), "joint": joint_loss.item(),
+            "dense": dense_loss.item(),
             "query": query_loss.item()}
 
 
@@ -483,6 +513,36 @@ def _hf_model(train_model):
     """The HF model inside DDP and/or `SharedPrefixForward`."""
     model = getattr(train_model, "module", train_model)
     return model.model if isinstance(model, shared_prefix.SharedPrefixForward) else model
+
+
+def _coordinate_positions(head, labels: torch.Tensor, stage: str) -> torch.Tensor:
+    """[B, S - 1] bool: the positions whose next target token is one of the answer's first
+    COORDS_PER_ANSWER coordinates."""
+    targets = labels[:, 1:]
+    mask = (head.coord_mask[targets.clamp(min=0)] > 0) & (targets >= 0)
+    order = torch.cumsum(mask.long(), dim=1) - 1  # k-th coordinate of the sample
+    return mask & (order < COORDS_PER_ANSWER[stage])
+
+
+def _joint_loss(model, batch, cfg: SftConfig) -> torch.Tensor:
+    """Token supervision of a joint in-model pointer: at each answer coordinate, -log of its
+    attention on the target's image token (the one `batch.PointerHead` is trained on), from
+    the model's last call. 0 for stock and per-axis pointer models."""
+    head = getattr(model, "pointer", None)
+    probs = getattr(head, "last_token_probs", None)  # [B, S, T]
+    if probs is None or not head.joint:
+        return torch.zeros((), device=batch.labels.device)
+    if isinstance(batch, shared_prefix.SharedBatch):  # the prefix (image) rows come first in T
+        starts = batch.prefix.image_spans[batch.owner, 0]
+    else:
+        starts = batch.image_spans[:, 0]
+    mask = _coordinate_positions(head, batch.labels, cfg.stage)[:, :probs.shape[1]]
+    mask &= (batch.pointer_index >= 0)[:, None]
+    if not mask.any():
+        return probs.sum() * 0
+    b_idx, s_idx = mask.nonzero(as_tuple=True)
+    token = (starts + batch.pointer_index)[b_idx]
+    return -torch.log(probs[b_idx, s_idx, token] + head.eps).mean()
 
 
 def _axis_loss(model, batch, cfg: SftConfig) -> torch.Tensor:
@@ -494,10 +554,8 @@ def _axis_loss(model, batch, cfg: SftConfig) -> torch.Tensor:
     if probs is None:
         return torch.zeros((), device=batch.labels.device)
     targets = batch.labels[:, 1:]
-    mask = head.coord_mask[targets.clamp(min=0)] > 0
-    mask &= targets >= 0
-    order = torch.cumsum(mask.long(), dim=1) - 1  # k-th coordinate of the sample
-    mask &= order < COORDS_PER_ANSWER[cfg.stage]
+    mask = _coordinate_positions(head, batch.labels, cfg.stage)
+    order = torch.cumsum(mask.long(), dim=1) - 1
     if not mask.any():
         return probs.sum() * 0
     b_idx, s_idx = mask.nonzero(as_tuple=True)
@@ -519,6 +577,7 @@ def _log_progress(cfg: SftConfig, run_dir: Path, step: int, losses: dict[str, fl
     ckpt.append_log(run_dir, rec)
     log(f"[{cfg.stage}] step {step}/{cfg.steps} loss {rec['loss']:.3f} (ema {loss_ema:.3f}, "
         f"coord {rec['coord']:.3f}, pointer {rec['pointer']:.3f}, axis {rec['axis']:.3f}, "
+        f"joint {rec.get('joint', 0.0):.3f}, "
         f"dense {rec['dense']:.3f}, query {rec['query']:.3f}) "
         f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
 
