@@ -278,7 +278,8 @@ def test_joint_pointer_training_seeds_from_the_runs_pointer_head(tmp_path):
     second = tmp_path / "second"
     messages = []
     train_sft(SftConfig(out_dir=str(second), init=str(first / "checkpoint"), steps=2,
-                        save_every=2, joint_pointer=True, **base), log=messages.append)
+                        save_every=2, joint_pointer=True, query_weight=1.0, query_at_x1=True,
+                        **base), log=messages.append)
     assert any("seeded from the training-only pointer head" in m for m in messages)
     init = load_vlm(second / "init_pointer", dtype=torch.float32)
     assert init.pointer.joint
@@ -287,8 +288,28 @@ def test_joint_pointer_training_seeds_from_the_runs_pointer_head(tmp_path):
     assert is_joint(second / "checkpoint")
     log = [json.loads(line) for line in (second / "log.jsonl").read_text().splitlines()]
     assert all(r["joint"] > 0 for r in log) and all(r["axis"] > 0 for r in log)
+    assert all(r["query"] > 0 for r in log)
     first_log = [json.loads(line) for line in (first / "log.jsonl").read_text().splitlines()]
     assert all(r["joint"] == 0 for r in first_log)  # per-axis pointers have no token loss
     with pytest.raises(InputError, match="--model-class pointer"):
         SftConfig(stage="gse", cache_dir=str(cache), out_dir=str(tmp_path / "x"),
                   joint_pointer=True)
+    with pytest.raises(InputError, match="--query-weight > 0"):
+        SftConfig(stage="gse", cache_dir=str(cache), out_dir=str(tmp_path / "x"), query_at_x1=True)
+
+
+def test_x1_position_is_the_one_that_writes_the_first_coordinate(pointer_dirs):
+    from finers_rt.export.checkpoints import load_processor
+    from finers_rt.train.batch import Collator
+    from finers_rt.train.sft import _x1_positions
+
+    _, ptr = pointer_dirs
+    col = Collator(load_processor(ptr))
+    image = _image(4)
+    batch = col([image, image], [QUESTION, QUESTION],
+                ["<think>x</think><answer>{'bbox': [14,28,42,56]}</answer>", "no numbers here"])
+    x1 = _x1_positions(batch.labels, col, "gse", batch.answer_pos)
+    first = batch.labels[0, int(x1[0]) + 1]
+    assert int(col.coord_lookup[first]) >= 0 and col.tokenizer.decode([int(first)]).strip() == "14"
+    assert int(col.coord_lookup[batch.labels[0, int(x1[0])]]) < 0  # nothing before it is one
+    assert int(x1[1]) == int(batch.answer_pos[1])  # no coordinate: the fallback

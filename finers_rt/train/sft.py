@@ -60,6 +60,7 @@ class SftConfig:
     axis_weight: float = 1.0
     joint_pointer: bool = False
     joint_weight: float = 1.0
+    query_at_x1: bool = False
     dense_weight: float = 0.0
     query_weight: float = 0.0
     head_lr: float = 0.0
@@ -104,6 +105,9 @@ class SftConfig:
         if self.joint_pointer and self.model_class != "pointer":
             raise InputError("--joint-pointer makes the in-model pointer joint: it needs "
                              "--model-class pointer")
+        if self.query_at_x1 and (self.query_weight <= 0 or self.blank_image):
+            raise InputError("--query-at-x1 moves the question-reading loss to the first "
+                             "coordinate: it needs --query-weight > 0 and no --blank-image")
         if self.joint_weight < 0:
             raise InputError(f"joint weight must be >= 0, got {self.joint_weight}")
 
@@ -486,6 +490,10 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
     query_loss = zero
     if cfg.query_weight > 0 and batch.query_labels is not None:
         query_loss = heads["query"](last, batch.answer_pos, batch.query_labels)
+        if cfg.query_at_x1:  # the state that writes x1 must carry the question too
+            query_loss = 0.5 * (query_loss + heads["query"](
+                last, _x1_positions(batch.labels, collator, cfg.stage, batch.answer_pos),
+                batch.query_labels))
     dense_loss = zero
     if cfg.dense_weight > 0 and images.cell_labels is not None:
         dense_loss = heads["dense"](last_img, images.image_spans, images.image_grid_thw,
@@ -522,6 +530,18 @@ def _coordinate_positions(head, labels: torch.Tensor, stage: str) -> torch.Tenso
     mask = (head.coord_mask[targets.clamp(min=0)] > 0) & (targets >= 0)
     order = torch.cumsum(mask.long(), dim=1) - 1  # k-th coordinate of the sample
     return mask & (order < COORDS_PER_ANSWER[stage])
+
+
+def _x1_positions(labels: torch.Tensor, collator: Collator, stage: str,
+                  fallback: torch.Tensor) -> torch.Tensor:
+    """[B]: per sample the position whose next target token is the answer's first coordinate
+    (x1); `fallback` (e.g. the last prompt position) for samples without one."""
+    coord = torch.zeros(int(collator.coord_lookup.shape[0]), device=labels.device)
+    coord[collator.coord_ids.to(labels.device)] = 1.0
+    targets = labels[:, 1:]
+    is_coord = (targets >= 0) & (coord[targets.clamp(min=0, max=coord.shape[0] - 1)] > 0)
+    first = torch.argmax(is_coord.long(), dim=1)  # first True (0 when none)
+    return torch.where(is_coord.any(dim=1), first, fallback)
 
 
 def _joint_loss(model, batch, cfg: SftConfig) -> torch.Tensor:
