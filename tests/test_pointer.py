@@ -294,6 +294,9 @@ def test_joint_pointer_training_seeds_from_the_runs_pointer_head(tmp_path):
     with pytest.raises(InputError, match="--model-class pointer"):
         SftConfig(stage="gse", cache_dir=str(cache), out_dir=str(tmp_path / "x"),
                   joint_pointer=True)
+    with pytest.raises(InputError, match="per-axis pointer"):  # no silent kind switch on resume
+        train_sft(SftConfig(out_dir=str(first), init="test", steps=3, joint_pointer=True, **base),
+                  log=lambda m: None)
     with pytest.raises(InputError, match="--query-weight > 0"):
         SftConfig(stage="gse", cache_dir=str(cache), out_dir=str(tmp_path / "x"), query_at_x1=True)
 

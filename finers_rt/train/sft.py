@@ -328,6 +328,9 @@ def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0, log: Callable[[str
         if not (src / "config.json").is_file():
             raise InputError(f"--init must be a model config {sorted(MODEL_CONFIGS)} or an HF "
                              f"folder, got '{cfg.init}'")
+    if state is not None and cfg.joint_pointer and not is_joint(src):
+        raise InputError(f"{run_dir} trains a per-axis pointer: resume it without "
+                         "--joint-pointer, or start a new --out with --init its checkpoint")
     needs_pointer = cfg.model_class == "pointer" and not has_pointer(src)
     needs_joint = cfg.joint_pointer and not is_joint(src)
     if state is None and (needs_pointer or needs_joint):
@@ -536,10 +539,9 @@ def _x1_positions(labels: torch.Tensor, collator: Collator, stage: str,
                   fallback: torch.Tensor) -> torch.Tensor:
     """[B]: per sample the position whose next target token is the answer's first coordinate
     (x1); `fallback` (e.g. the last prompt position) for samples without one."""
-    coord = torch.zeros(int(collator.coord_lookup.shape[0]), device=labels.device)
-    coord[collator.coord_ids.to(labels.device)] = 1.0
     targets = labels[:, 1:]
-    is_coord = (targets >= 0) & (coord[targets.clamp(min=0, max=coord.shape[0] - 1)] > 0)
+    lookup = collator.coord_lookup.to(labels.device)  # token id -> coordinate slot, -1 = none
+    is_coord = (targets >= 0) & (lookup[targets.clamp(min=0)] >= 0)
     first = torch.argmax(is_coord.long(), dim=1)  # first True (0 when none)
     return torch.where(is_coord.any(dim=1), first, fallback)
 
