@@ -6,9 +6,10 @@ the target still cannot say WHERE it is as a number. The pointer reads positions
 
 How (the same rule in HF and in the exported decoder graph, see `pointer_kv`/`pointer_logits`):
 - every token i (prefill and decode) gets pointer keys k_i = W_k(final normed hidden_i), two
-  heads (x, y; one key shared by both in a "joint" pointer, see below), and a pointer value holding its grid cell taken ONLY from the M-RoPE position ids
-  (t, h, w): col = w - t, row = h - t (text tokens have t = h = w, so they sit in cell (0, 0);
-  their learned keys keep them out of the way). Keys/values are cached as ONE extra K/V pair
+  heads (x, y; one key shared by both in a "joint" pointer, see below), and a pointer value
+  holding its grid cell taken ONLY from the M-RoPE position ids (t, h, w): col = w - t,
+  row = h - t (text tokens have t = h = w, so they sit in cell (0, 0); their learned keys keep
+  them out of the way). Keys/values are cached as ONE extra K/V pair
   with the LM layers' per-pair shape: key heads 0/1 = x/y keys, value head 0/1 = one-hot of the
   column/row (so plain attention, HF's or the fused GroupQueryAttention op, yields p_col/p_row;
   at most head_dim cells per axis: 64 x 28 px = 1792 px for finers-tiny).
