@@ -275,13 +275,22 @@ class FinersPointerQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             attentions=out.attentions, rope_deltas=out.rope_deltas)
 
 
+def _settings_of(hf_dir: str | Path) -> dict[str, Any]:
+    """The `finers_pointer` dict of an HF folder's config.json ({} when none or unreadable)."""
+    try:
+        return json.loads((Path(hf_dir) / "config.json").read_text()).get(POINTER_KEY) or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def has_pointer(hf_dir: str | Path) -> bool:
     """Whether the HF folder's config.json carries the pointer settings."""
-    path = Path(hf_dir) / "config.json"
-    try:
-        return bool(json.loads(path.read_text()).get(POINTER_KEY))
-    except (OSError, ValueError):
-        return False
+    return bool(_settings_of(hf_dir))
+
+
+def is_joint(hf_dir: str | Path) -> bool:
+    """Whether the HF folder's pointer is a joint one (one attention for both axes)."""
+    return bool(_settings_of(hf_dir).get("joint", False))
 
 
 def model_class_for(hf_dir: str | Path):
@@ -292,15 +301,6 @@ def model_class_for(hf_dir: str | Path):
 def load_vlm(hf_dir: str | Path, **kwargs):
     """`from_pretrained` with the class the folder's config asks for."""
     return model_class_for(hf_dir).from_pretrained(str(hf_dir), **kwargs)
-
-
-def is_joint(hf_dir: str | Path) -> bool:
-    """Whether the HF folder's pointer is a joint one (one attention for both axes)."""
-    try:
-        settings = json.loads((Path(hf_dir) / "config.json").read_text()).get(POINTER_KEY) or {}
-    except (OSError, ValueError):
-        return False
-    return bool(settings.get("joint", False))
 
 
 def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = None,

@@ -488,8 +488,8 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
         text_loss, coord_loss = token_losses(out.logits, batch.labels, collator, cfg.coord_sigma)
         zero = text_loss * 0
         point_loss = point() if cfg.pointer_weight > 0 else zero
-        axis_loss = _axis_loss(hf_model, batch, cfg) if cfg.axis_weight > 0 else zero
-        joint_loss = _joint_loss(hf_model, batch, cfg) if cfg.joint_weight > 0 else zero
+        axis_loss = _axis_loss(hf_model, batch, collator, cfg) if cfg.axis_weight > 0 else zero
+        joint_loss = _joint_loss(hf_model, batch, collator, cfg) if cfg.joint_weight > 0 else zero
     query_loss = zero
     if cfg.query_weight > 0 and batch.query_labels is not None:
         query_loss = heads["query"](last, batch.answer_pos, batch.query_labels)
@@ -526,11 +526,12 @@ def _hf_model(train_model):
     return model.model if isinstance(model, shared_prefix.SharedPrefixForward) else model
 
 
-def _coordinate_positions(head, labels: torch.Tensor, stage: str) -> torch.Tensor:
+def _coordinate_positions(labels: torch.Tensor, collator: Collator, stage: str) -> torch.Tensor:
     """[B, S - 1] bool: the positions whose next target token is one of the answer's first
     COORDS_PER_ANSWER coordinates."""
     targets = labels[:, 1:]
-    mask = (head.coord_mask[targets.clamp(min=0)] > 0) & (targets >= 0)
+    lookup = collator.coord_lookup.to(labels.device)  # token id -> coordinate slot, -1 = none
+    mask = (targets >= 0) & (lookup[targets.clamp(min=0)] >= 0)
     order = torch.cumsum(mask.long(), dim=1) - 1  # k-th coordinate of the sample
     return mask & (order < COORDS_PER_ANSWER[stage])
 
@@ -539,14 +540,12 @@ def _x1_positions(labels: torch.Tensor, collator: Collator, stage: str,
                   fallback: torch.Tensor) -> torch.Tensor:
     """[B]: per sample the position whose next target token is the answer's first coordinate
     (x1); `fallback` (e.g. the last prompt position) for samples without one."""
-    targets = labels[:, 1:]
-    lookup = collator.coord_lookup.to(labels.device)  # token id -> coordinate slot, -1 = none
-    is_coord = (targets >= 0) & (lookup[targets.clamp(min=0)] >= 0)
+    is_coord = _coordinate_positions(labels, collator, stage)
     first = torch.argmax(is_coord.long(), dim=1)  # first True (0 when none)
     return torch.where(is_coord.any(dim=1), first, fallback)
 
 
-def _joint_loss(model, batch, cfg: SftConfig) -> torch.Tensor:
+def _joint_loss(model, batch, collator: Collator, cfg: SftConfig) -> torch.Tensor:
     """Token supervision of a joint in-model pointer: at each answer coordinate, -log of its
     attention on the target's image token (the one `batch.PointerHead` is trained on), from
     the model's last call. 0 for stock and per-axis pointer models."""
@@ -558,7 +557,7 @@ def _joint_loss(model, batch, cfg: SftConfig) -> torch.Tensor:
         starts = batch.prefix.image_spans[batch.owner, 0]
     else:
         starts = batch.image_spans[:, 0]
-    mask = _coordinate_positions(head, batch.labels, cfg.stage)[:, :probs.shape[1]]
+    mask = _coordinate_positions(batch.labels, collator, cfg.stage)[:, :probs.shape[1]]
     mask &= (batch.pointer_index >= 0)[:, None]
     if not mask.any():
         return probs.sum() * 0
@@ -567,7 +566,7 @@ def _joint_loss(model, batch, cfg: SftConfig) -> torch.Tensor:
     return -torch.log(probs[b_idx, s_idx, token] + head.eps).mean()
 
 
-def _axis_loss(model, batch, cfg: SftConfig) -> torch.Tensor:
+def _axis_loss(model, batch, collator: Collator, cfg: SftConfig) -> torch.Tensor:
     """Dense pointer supervision (pointer models only): at each answer coordinate (x, y
     alternate: bbox then points), -log of the in-model pointer's column (x) or row (y) mass on
     the target value's cells (the probabilities of the model's last call). 0 for stock models."""
@@ -576,7 +575,7 @@ def _axis_loss(model, batch, cfg: SftConfig) -> torch.Tensor:
     if probs is None:
         return torch.zeros((), device=batch.labels.device)
     targets = batch.labels[:, 1:]
-    mask = _coordinate_positions(head, batch.labels, cfg.stage)
+    mask = _coordinate_positions(batch.labels, collator, cfg.stage)
     order = torch.cumsum(mask.long(), dim=1) - 1
     if not mask.any():
         return probs.sum() * 0
