@@ -120,6 +120,44 @@ def test_sft_with_dense_loss_runs_saves_and_resumes(dense_cache, tmp_path):
         SftConfig(**{**cfg, "stage": "lpr"})
 
 
+def test_carry_heads_starts_a_continuation_from_the_runs_training_only_heads(dense_cache,
+                                                                             tmp_path):
+    from finers_rt.train.batch import PointerHead
+    from finers_rt.train.sft import SftConfig, carry_heads, train_sft
+
+    first = tmp_path / "first"
+    base = dict(stage="gse", cache_dir=str(dense_cache), batch_size=2, lr=3e-3, warmup=1,
+                log_every=1, seed=1, dense_weight=1.0, query_weight=1.0)
+    train_sft(SftConfig(out_dir=str(first), init="test", steps=2, save_every=2, **base),
+              log=lambda m: None)
+    saved = torch.load(first / "trainer_state.pt", weights_only=False)
+    ckpt_dir = first / "checkpoint"
+
+    # the heads as train_sft builds them for the test model (hidden 64, 4 heads)
+    heads = torch.nn.ModuleDict({"pointer": PointerHead(64, dim=16), "dense": dense.DenseHead(64),
+                                 "query": dense.QueryHead(64)})
+    messages = []
+    assert carry_heads(heads, ckpt_dir, messages.append) == ["pointer", "dense", "query"]
+    for name in ("pointer", "dense", "query"):
+        for key, value in heads[name].state_dict().items():
+            torch.testing.assert_close(value, saved[name][key])
+    other = torch.nn.ModuleDict({"pointer": PointerHead(64, dim=8), "dense": dense.DenseHead(64)})
+    before = {k: v.clone() for k, v in other["pointer"].state_dict().items()}
+    assert carry_heads(other, ckpt_dir, messages.append) == ["dense"]  # other shapes: fresh
+    assert all(torch.equal(before[k], v) for k, v in other["pointer"].state_dict().items())
+    assert "fresh: ['pointer']" in messages[-1]
+
+    messages = []
+    train_sft(SftConfig(out_dir=str(tmp_path / "second"), init=str(ckpt_dir), steps=1,
+                        save_every=1, carry_heads=True, **base), log=messages.append)
+    assert any("carried training-only heads ['pointer', 'dense', 'query']" in m for m in messages)
+    with pytest.raises(InputError, match="--carry-heads"):
+        SftConfig(out_dir=str(tmp_path / "x"), init="test", carry_heads=True, **base)
+    with pytest.raises(InputError, match="--carry-heads"):  # an HF folder without its run state
+        SftConfig(out_dir=str(tmp_path / "x"), init=str(first / "nothing"), carry_heads=True,
+                  **base)
+
+
 def test_vision_pretraining_learns_saves_and_resumes(dense_cache, tmp_path):
     from finers_rt.train.model import make_initial_checkpoint
     from finers_rt.train.vision import VisionConfig, train_vision

@@ -35,6 +35,7 @@ from finers_rt.train.data import SampleCache, format_gse_answer, format_lpr_answ
 STAGES = ("gse", "lpr")
 # "stock": HF Qwen2.5-VL; "pointer": FinersPointerQwen2_5_VL (finers_rt.export.pointer)
 MODEL_CLASSES = ("stock", "pointer")
+HEAD_NAMES = ("pointer", "dense", "query")  # the training-only heads saved in trainer_state.pt
 COORDS_PER_ANSWER = {"gse": 4, "lpr": 8}  # bbox x1 y1 x2 y2 (+ points_1, points_2 for LPR)
 
 
@@ -61,6 +62,7 @@ class SftConfig:
     joint_pointer: bool = False
     joint_weight: float = 1.0
     query_at_x1: bool = False
+    carry_heads: bool = False
     dense_weight: float = 0.0
     query_weight: float = 0.0
     head_lr: float = 0.0
@@ -108,6 +110,10 @@ class SftConfig:
         if self.query_at_x1 and (self.query_weight <= 0 or self.blank_image):
             raise InputError("--query-at-x1 moves the question-reading loss to the first "
                              "coordinate: it needs --query-weight > 0 and no --blank-image")
+        if self.carry_heads and not _is_run_checkpoint(self.init):
+            raise InputError("--carry-heads takes the training-only heads of the run whose "
+                             "checkpoint --init is: --init must be a <run>/checkpoint folder "
+                             f"next to <run>/trainer_state.pt, got '{self.init}'")
         if self.joint_weight < 0:
             raise InputError(f"joint weight must be >= 0, got {self.joint_weight}")
 
@@ -291,20 +297,58 @@ def setup_distributed() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), world
 
 
+def _is_run_checkpoint(init: Any) -> bool:
+    """True when `init` is `<run>/checkpoint` with `<run>/trainer_state.pt` next to it."""
+    path = Path(str(init))
+    return path.name == "checkpoint" and (path.parent / "trainer_state.pt").is_file()
+
+
+def run_heads(init_dir: Path) -> tuple[Path | None, dict]:
+    """(path, {name: state dict}) of the training-only heads ("pointer", "dense", "query") saved
+    by the run whose checkpoint `init_dir` is (`<run>/checkpoint` next to
+    `<run>/trainer_state.pt`); (None, {}) when `init_dir` is not such a checkpoint."""
+    if not _is_run_checkpoint(init_dir):
+        return None, {}
+    state_path = Path(init_dir).parent / "trainer_state.pt"
+    state = ckpt.load_state(state_path)
+    return state_path, {k: state[k] for k in HEAD_NAMES if state.get(k)}
+
+
 def joint_seed(init_dir: Path, log: Callable[[str], None] = print) -> dict | None:
     """The training-only joint pointer head (`batch.PointerHead`) of the run whose checkpoint
-    `init_dir` is (`<run>/checkpoint` next to `<run>/trainer_state.pt`), to seed a new joint
-    in-model pointer with: both score image tokens as softmax(q . k / sqrt(d)) of the final
-    normed states (the head's width is the model's head_dim), so the in-model pointer starts
-    where the head had got to. None when there is no such run state (fresh weights then)."""
-    state_path = Path(init_dir).parent / "trainer_state.pt"
-    if Path(init_dir).name != "checkpoint" or not state_path.is_file():
-        return None
-    head = ckpt.load_state(state_path).get("pointer")
-    if not head:
+    `init_dir` is, to seed a new joint in-model pointer with: both score image tokens as
+    softmax(q . k / sqrt(d)) of the final normed states (the head's width is the model's
+    head_dim), so the in-model pointer starts where the head had got to. None when there is no
+    such run state (fresh weights then)."""
+    state_path, heads = run_heads(init_dir)
+    if "pointer" not in heads:
         return None
     log(f"joint pointer: key / query seeded from the training-only pointer head of {state_path}")
-    return head
+    return heads["pointer"]
+
+
+def carry_heads(heads: torch.nn.ModuleDict, init_dir: Path, log: Callable[[str], None] = print
+                ) -> list[str]:
+    """Load the training-only heads of the run whose checkpoint `init_dir` is into `heads`
+    (`--carry-heads`), so a continuation does not restart them from random weights. A head
+    the run did not save, or whose shapes differ, stays fresh. Returns the names loaded."""
+    state_path, saved = run_heads(init_dir)
+    if state_path is None:
+        raise InputError(f"--carry-heads: {init_dir} is not a run's checkpoint/ folder next to "
+                         "its trainer_state.pt")
+    loaded = []
+    for name, module in heads.items():
+        mine = module.state_dict()
+        theirs = saved.get(name)
+        if theirs is None or set(theirs) != set(mine) or any(
+                tuple(theirs[k].shape) != tuple(v.shape) for k, v in mine.items()):
+            continue
+        module.load_state_dict(theirs)
+        loaded.append(name)
+    fresh = [n for n in heads if n not in loaded]
+    log(f"carried training-only heads {loaded or 'none'} from {state_path}"
+        + (f" (fresh: {fresh})" if fresh else ""))
+    return loaded
 
 
 def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0, log: Callable[[str], None] = print):
@@ -363,7 +407,10 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         cache.scene_objects(log)  # built once by rank 0; the other ranks read it after the barrier
     if needs_objects and world > 1:
         torch.distributed.barrier()
-    heads = torch.nn.ModuleDict({"pointer": pointer, "dense": cells, "query": query}).to(cfg.device)
+    heads = torch.nn.ModuleDict({"pointer": pointer, "dense": cells, "query": query})
+    if state is None and cfg.carry_heads:
+        carry_heads(heads, Path(cfg.init), log if rank == 0 else (lambda _m: None))
+    heads.to(cfg.device)
     model.to(cfg.device)
     memo = None
     if cfg.freeze_vision:
