@@ -86,12 +86,24 @@ def _open_with_pillow(path: Path) -> Image.Image:
             img = Image.open(handle)
         except UnidentifiedImageError:
             raise UnidentifiedImageError(f"cannot identify image file '{path}'") from None
+        except Image.DecompressionBombError:
+            raise
+        except Exception as exc:  # a plugin parsing a damaged header raises many kinds
+            raise InputError(f"image file is truncated or corrupt: '{path}' "
+                             f"({type(exc).__name__}: {exc})") from None
         try:
             img.load()
-        except (OSError, SyntaxError, ValueError) as exc:
+        except Image.DecompressionBombError:
             img.close()
-            raise InputError(f"image file is truncated or corrupt: '{path}' ({exc})") from None
-        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is no orientation tag
+            raise
+        except Exception as exc:
+            img.close()
+            raise InputError(f"image file is truncated or corrupt: '{path}' "
+                             f"({type(exc).__name__}: {exc})") from None
+        try:
+            ImageOps.exif_transpose(img, in_place=True)  # no copy when there is no orientation tag
+        except Exception:  # a damaged EXIF block: the pixels are fine, keep them as stored
+            pass
         return img
 
 

@@ -143,6 +143,18 @@ def test_missing_empty_text_and_truncated_files(tmp_path):
         load_image(tmp_path)
 
 
+@pytest.mark.parametrize("name, data", [
+    ("header.jpg", b"\xff\xd8\xff\xe0garbage"),               # APP0 segment cut short
+    ("sof.jpg", b"\xff\xd8\xff\xc0\x00\x11\x08"),            # frame header cut short
+    ("ihdr.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR\x00"),  # PNG header cut short
+])
+def test_files_damaged_in_the_header_are_input_errors(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(InputError, match="truncated or corrupt|not an image"):
+        load_image(path)
+
+
 def test_array_inputs():
     image = _gradient(10, 12)
     assert load_image(image) is image  # contiguous HxWx3 uint8: no copy
