@@ -327,6 +327,9 @@ def train_cache_cmd(
     extra_questions: int = typer.Option(0, "--extra-questions", min=0,
                                         help="Up to this many more questions per scene about further distinct targets "
                                              "(same type/attribute mix; the scene and its own questions are unchanged)."),
+    negative_crops: int = typer.Option(0, "--negative-crops", min=0,
+                                       help="Crops per question WITHOUT the target (look-alike decoys and fallback tiles) "
+                                            "for LPR's 'not found' answer (train lpr --negative-fraction)."),
 ) -> None:
     """Render synthetic scenes into a training cache of GSE/LPR/SAM samples."""
     data = _train_module("data", "finers-rt train cache")
@@ -334,7 +337,7 @@ def train_cache_cmd(
 
     sizes = data.StageSizes(gse_size_wh=parse_size_wh(gse_size), lpr_size_wh=parse_size_wh(lpr_size))
     out = data.build_cache(out_dir, seed, n_scenes, sizes, lpr_crops=lpr_crops, log=typer.echo,
-                           extra_questions=extra_questions)
+                           extra_questions=extra_questions, negative_crops=negative_crops)
     typer.echo(f"cache -> {out} ({len(data.SampleCache(out))} samples)")
 
 
@@ -363,6 +366,7 @@ def _sft_command(stage: str):
         freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Keep the vision tower as --init has it (no gradient); each image's features are computed once and reused (e.g. after `train vision`)."),
         questions_per_image: int = typer.Option(1, "--questions-per-image", help="GSE only: draw up to N questions per scene and compute each scene's image prefix once per step (same losses, ~3.5x fewer LM tokens per question at 1288x728 with 8)."),
         option_think: bool = typer.Option(False, "--option-think", help="Option questions' think text names the answer in words before the letter (experimental, off in the shipped recipe)."),
+        negative_fraction: float = typer.Option(0.0, "--negative-fraction", help="LPR only: this fraction of samples are crops without the target (a cache built with --negative-crops), answered 'The object is not found.' so the pipeline moves on to further crops."),
         save_every: int = typer.Option(100, "--save-every", help="Checkpoint every N steps."),
         eval_every: int = typer.Option(0, "--eval-every", help="Greedy held-out eval every N steps (needs --eval-cache)."),
         eval_cache: str = typer.Option(None, "--eval-cache", help="Held-out cache folder."),
@@ -386,7 +390,8 @@ def _sft_command(stage: str):
                             freeze_vision=freeze_vision, questions_per_image=questions_per_image,
                             eval_every=eval_every, eval_cache=eval_cache,
                             eval_samples=eval_samples, seed=seed, threads=threads,
-                            device=device, workers=workers, time_limit_s=time_limit)
+                            device=device, workers=workers, time_limit_s=time_limit,
+                            negative_fraction=negative_fraction)
         result = sft.train_sft(cfg, log=typer.echo)
         typer.echo(f"{stage}: step {result['step']}, loss {result['loss']:.3f} -> "
                    f"{result['checkpoint']} ({result['seconds']:.0f} s)")

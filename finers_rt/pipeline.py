@@ -210,7 +210,8 @@ class Pipeline:
                     outcome = attempt
                     path = "gse+tiles" if first_crop is not None else "tiles"
                     break
-        result = self._finish(frame, outcome, path, gse, gse_region, timings, raw, attempts)
+        result = self._finish(frame, outcome, path, gse, gse_region, timings, raw, attempts,
+                              question_type)
         result.timings_ms["total_ms"] = _ms(start)
         return result
 
@@ -280,7 +281,8 @@ class Pipeline:
         attempts.append({"crop_xyxy": [x1, y1, x2, y2], "usable": usable, "reason": reason})
         return _LprOutcome((x1, y1, x2, y2), crop, parsed, box, points, usable, reason)
 
-    def _finish(self, frame, outcome, path, gse, gse_region, timings, raw, attempts) -> Result:
+    def _finish(self, frame, outcome, path, gse, gse_region, timings, raw, attempts,
+                question_type: str = "referring") -> Result:
         height, width = frame.shape[:2]
         mask = np.zeros((height, width), dtype=bool)
         score = bbox = points = region = None
@@ -303,7 +305,7 @@ class Pipeline:
             bbox = geometry.crop_to_image_box(outcome.box_crop, outcome.crop_xyxy)
             if outcome.points_crop is not None:
                 points = geometry.crop_to_image_points(outcome.points_crop, outcome.crop_xyxy)
-        answer = _pick_answer(self.config.answer_source, answer_lpr, gse.response)
+        answer = _pick_answer(self.config.answer_source, answer_lpr, gse.response, question_type)
         found = bool(outcome is not None and outcome.usable)
         return Result(answer=answer, found=found, bbox_xyxy=bbox, points_xy=points,
                       region_xyxy=region, gse_region_xyxy=gse_region, mask=mask, score=score,
@@ -329,8 +331,15 @@ class Pipeline:
         return stats
 
 
-def _pick_answer(source: str, lpr_response: str | None, gse_response: str | None) -> str:
+def _pick_answer(source: str, lpr_response: str | None, gse_response: str | None,
+                 question_type: str = "referring") -> str:
+    """The configured stage's response, the other one when it has none. A question (reasoning,
+    option) that the preferred stage answers with "not found" takes the other stage's answer
+    when that one is an answer: "not found" only answers a referring question."""
     first, second = (lpr_response, gse_response) if source == "lpr" else (gse_response, lpr_response)
+    if (question_type != "referring" and first is not None and says_not_found(first)
+            and second and not says_not_found(second)):
+        return second
     return first if first is not None else (second or "")
 
 

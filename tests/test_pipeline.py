@@ -133,6 +133,23 @@ def test_answer_falls_back_to_gse_response():
     assert pipe.run(IMAGE_4K, "pen").answer == "blue"
 
 
+NOT_FOUND = ("{'bbox': [0,0,10,10], 'points_1': [1,1], 'points_2': [2,2], "
+             "'response': 'The object is not found.'}")
+
+
+@pytest.mark.parametrize("question_type,want", [("reasoning", "blue"),
+                                                ("referring", "The object is not found.")])
+def test_not_found_answers_only_a_referring_question(question_type, want):
+    """LPR said "not found" on every crop: a question takes GSE's answer instead, a
+    referring instruction keeps "not found" (and no mask either way)."""
+    pipe = make_pipe(["{'bbox': [100,50,356,306], 'response': 'blue'}"], [NOT_FOUND],
+                     max_extra_crops=2)
+    result = pipe.run(IMAGE_4K, "pen", question_type)
+    assert result.answer == want and not result.found and result.mask_area == 0
+    assert result.path == "none" and len(pipe.lpr.calls) == 3
+    assert result.region_xyxy == (200, 100, 712, 612)  # the GSE crop stays the reported region
+
+
 @pytest.mark.parametrize("image,question,kwargs,needle", [
     (np.zeros((10, 10, 3), np.uint8), "pen", {}, "10"),
     (np.zeros((100, 100), np.float32), "pen", {}, "uint8"),

@@ -27,7 +27,8 @@ from finers_rt.image import resize_for_stage
 from finers_rt.prompts import build_gse_prompt, build_lpr_prompt
 from finers_rt.train.model import quantize_coordinate
 
-REFERENCE_GSE_WH = (1920, 1080)  # the frame FineRS's "256*256 region" is measured in
+REFERENCE_GSE_WH = (1920, 1080)
+NEGATIVES_FILE = "lpr_negative_images.npy"  # the frame FineRS's "256*256 region" is measured in
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ def polygon_box_xyxy(points_xy: Any) -> tuple[float, float, float, float]:
 def response_for(record: dict[str, Any]) -> str:
     """The answer text a stage should give: 'The object is found.' for referring, else A."""
     return "The object is found." if record["Q-type"] == "referring" else str(record["A"])
+
+
+# LPR's response on a crop that does not hold the target, whatever the question type (the
+# referring prompt asks "respond with whether the object is found"; `parsing.says_not_found`
+# reads it and the pipeline then tries further crops).
+NOT_FOUND_RESPONSE = "The object is not found."
 
 
 THINK_TEXT = "<think>Search the image for the query.</think>"
@@ -105,12 +112,13 @@ def format_gse_answer(record: dict[str, Any], region_xyxy: Any, option_think: bo
 
 
 def format_lpr_answer(record: dict[str, Any], box_xyxy: Any, points_xy: Any,
-                      option_think: bool = False) -> str:
-    """The LPR answer: bbox, points_1, points_2, response (coordinates quantized)."""
+                      option_think: bool = False, response: str | None = None) -> str:
+    """The LPR answer: bbox, points_1, points_2, response (coordinates quantized);
+    `response` replaces the record's (e.g. NOT_FOUND_RESPONSE on a negative crop)."""
     q = quantize_coordinate
     box = ",".join(str(q(v)) for v in box_xyxy)
     (ax, ay), (bx, by) = points_xy
-    resp = response_for(record).replace("'", " ")
+    resp = (response if response is not None else response_for(record)).replace("'", " ")
     return (f"{think_for(record, option_think)}<answer>{{'bbox': [{box}], "
             f"'points_1': [{q(ax)},{q(ay)}], "
             f"'points_2': [{q(bx)},{q(by)}], 'response': '{resp}'}}</answer>")
@@ -212,19 +220,31 @@ def crop_item(image: np.ndarray, record: dict[str, Any], crop_xyxy: Any,
 
 
 def iter_scenes(seed: int, n_scenes: int, sizes: StageSizes, lpr_crops: int = 2, start: int = 0,
-                extra_questions: int = 0) -> Iterator[tuple[np.ndarray, list[tuple[dict, dict, list[dict]]]]]:
-    """Yield (GSE stage image, [(record, gse meta, [lpr item, ...]), ...]) per scene of
-    start..start+n-1: the scene is resized for GSE once, whatever its number of questions."""
-    from finers_rt.synth import generate_scene
+                extra_questions: int = 0, negative_crops: int = 0
+                ) -> Iterator[tuple[np.ndarray, list[tuple[dict, dict, list[dict], list[dict]]]]]:
+    """Yield (GSE stage image, [(record, gse meta, [lpr item, ...], [negative item, ...]), ...])
+    per scene of start..start+n-1: the scene is resized for GSE once, whatever its number of
+    questions. Negative items (`train.negatives`) come from their own random stream, so the
+    positive crops are the same with or without them."""
+    from finers_rt.synth import generate_scene, scene_objects
+    from finers_rt.train import negatives
 
     for index in range(start, start + n_scenes):
         image, records = generate_scene(seed, index, sizes.scene_size_wh, extra_questions)
         rng = np.random.default_rng(np.random.SeedSequence([seed, index, 7]))
+        neg_rng = np.random.default_rng(np.random.SeedSequence([seed, index, 13]))
         wh = (image.shape[1], image.shape[0])
-        yield (resize_for_stage(image, sizes.gse_size_wh),
-               [(record, gse_meta(record, wh, sizes),
-                 [make_lpr_item(image, record, sizes, rng) for _ in range(lpr_crops)])
-                for record in records])
+        objs = scene_objects(seed, index, sizes.scene_size_wh) if negative_crops else []
+        items = []
+        for record in records:
+            positives = [make_lpr_item(image, record, sizes, rng) for _ in range(lpr_crops)]
+            negs = []
+            if negative_crops:
+                crops = negatives.pick_negative_crops(record, objs, wh, sizes, neg_rng,
+                                                      negative_crops)
+                negs = [negatives.negative_item(image, record, objs, c, sizes) for c in crops]
+            items.append((record, gse_meta(record, wh, sizes), positives, negs))
+        yield resize_for_stage(image, sizes.gse_size_wh), items
 
 
 def _save_stacked(path: Path, arrays: list[np.ndarray]) -> None:
@@ -241,23 +261,34 @@ def _save_stacked(path: Path, arrays: list[np.ndarray]) -> None:
 
 
 def build_cache(out_dir: str | Path, seed: int, n_scenes: int, sizes: StageSizes,
-                lpr_crops: int = 2, log=None, extra_questions: int = 0) -> Path:
+                lpr_crops: int = 2, log=None, extra_questions: int = 0,
+                negative_crops: int = 0) -> Path:
     """Write a training cache: gse_images.npy [scenes, h, w, 3] (one row per scene; entry
     `gse_row` points at it), lpr_images.npy [N*K, h, w, 3], lpr_masks.npy [N*K, h, w] (bool),
-    records.json (records + meta, sizes). `extra_questions`: see `synth.generate_scene`."""
+    records.json (records + meta, sizes). `extra_questions`: see `synth.generate_scene`.
+    `negative_crops` > 0: up to that many crops per question without the target
+    (`train.negatives`) in lpr_negative_images.npy; entry "negatives" lists their meta and
+    "negative_rows" their rows."""
     if n_scenes < 1:
         raise InputError(f"n_scenes must be >= 1, got {n_scenes}")
     if lpr_crops < 1:
         raise InputError(f"lpr_crops must be >= 1, got {lpr_crops}")
+    if negative_crops < 0:
+        raise InputError(f"negative_crops must be >= 0, got {negative_crops}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gse_imgs, lpr_imgs, lpr_masks, entries = [], [], [], []
+    gse_imgs, lpr_imgs, lpr_masks, neg_imgs, entries = [], [], [], [], []
     for scene, (gse_image, items) in enumerate(iter_scenes(seed, n_scenes, sizes, lpr_crops,
-                                                             extra_questions=extra_questions)):
-        for record, meta, lprs in items:
+                                                             extra_questions=extra_questions,
+                                                             negative_crops=negative_crops)):
+        for record, meta, lprs, negs in items:
             entries.append({"record": {k: v for k, v in record.items()}, "gse": meta,
                             "gse_row": len(gse_imgs), "lpr": [item["meta"] for item in lprs],
                             "bucket": size_bucket(record["area_percent"])})
+            if negative_crops:
+                entries[-1]["negatives"] = [item["meta"] for item in negs]
+                entries[-1]["negative_rows"] = list(range(len(neg_imgs), len(neg_imgs) + len(negs)))
+                neg_imgs.extend(item["image"] for item in negs)
             for item in lprs:
                 lpr_imgs.append(item["image"])
                 lpr_masks.append(item["mask"])
@@ -270,9 +301,12 @@ def build_cache(out_dir: str | Path, seed: int, n_scenes: int, sizes: StageSizes
     _save_stacked(out / "gse_images.npy", gse_imgs)
     _save_stacked(out / "lpr_images.npy", lpr_imgs)
     _save_stacked(out / "lpr_masks.npy", lpr_masks)
+    if neg_imgs:
+        _save_stacked(out / NEGATIVES_FILE, neg_imgs)
     (out / "records.json").write_text(json.dumps(
         {"seed": seed, "n_scenes": n_scenes, "lpr_crops": lpr_crops,
-         "extra_questions": extra_questions, "sizes": asdict(sizes), "entries": entries}))
+         "extra_questions": extra_questions, "negative_crops": negative_crops,
+         "sizes": asdict(sizes), "entries": entries}))
     return out
 
 
@@ -295,6 +329,8 @@ class SampleCache:
         self.gse_images = np.load(folder / "gse_images.npy", mmap_mode="r")
         self.lpr_images = np.load(folder / "lpr_images.npy", mmap_mode="r")
         self.lpr_masks = np.load(folder / "lpr_masks.npy", mmap_mode="r")
+        self.negative_images = (np.load(folder / NEGATIVES_FILE, mmap_mode="r")
+                                if (folder / NEGATIVES_FILE).is_file() else None)
         self.folder = folder
         self._objects: dict[int, list[list[float]]] | None = None
         self._scenes: dict[int, list[int]] | None = None
@@ -330,6 +366,15 @@ class SampleCache:
     def lpr_row(self, index: int, crop: int = 0) -> int:
         """Row of LPR item `crop` of entry `index` in the LPR arrays."""
         return index * self.lpr_crops + crop
+
+    def negative_count(self, index: int) -> int:
+        """How many negative crops (no target) entry `index` has (0 for caches without)."""
+        return len(self.entries[index].get("negative_rows", ())) if self.negative_images is not None else 0
+
+    def negative(self, index: int, k: int) -> tuple[np.ndarray, dict[str, Any], int]:
+        """(image [h, w, 3] uint8, meta, row) of negative crop `k` of entry `index`."""
+        row = int(self.entries[index]["negative_rows"][k])
+        return np.asarray(self.negative_images[row]), self.entries[index]["negatives"][k], row
 
     def gse_image(self, index: int) -> np.ndarray:
         """The GSE stage image of entry `index` [h, w, 3] uint8."""

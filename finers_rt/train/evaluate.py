@@ -5,7 +5,9 @@ inside training on a cache and measures what each stage is responsible for:
 GSE: region recall (GT box inside the crop the pipeline would take), the same counting only
 regions within 50% of the requested size (`recall_sized`: an oversized region makes the
 dynamic box cover most of the image, which "recalls" everything), centre hit, valid rate.
-LPR: box IoU > 0.5 rate, mean IoU, points on the object, valid rate.
+LPR: box IoU > 0.5 rate, mean IoU, points on the object, valid rate; on caches with negative
+crops also how often it says the object is found on its crop (`found_on_target`) and not found
+on a crop without it (`not_found_on_negative`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from finers_rt import geometry
-from finers_rt.parsing import parse_output
+from finers_rt.parsing import parse_output, says_not_found
 from finers_rt.train.batch import Collator
 from finers_rt.train.data import SampleCache, gse_prompt, lpr_prompt
 from finers_rt.train.rewards import gse_reward, lpr_reward, size_reward
@@ -57,7 +59,7 @@ def evaluate_stage(model, collator: Collator, cache: SampleCache, stage: str,
     """Greedy-decode the first `limit` cache entries and return the stage's metrics."""
     n = len(cache) if limit is None else min(limit, len(cache))
     rows = [(_eval_gse if stage == "gse" else _eval_lpr)(model, collator, cache, i) for i in range(n)]
-    return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+    return {key: float(np.nanmean([r[key] for r in rows])) for key in rows[0]}
 
 
 def _eval_gse(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
@@ -92,6 +94,13 @@ def _eval_lpr(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
     row = i * cache.lpr_crops
     text = generate_texts(model, collator, np.asarray(cache.lpr_images[row]), lpr_prompt(record))[0][0]
     reward = lpr_reward(text, record, meta["box_stage"], np.asarray(cache.lpr_masks[row]))
-    return {"iou_gt_0.5": float(reward["box_iou"] > 0.5), "mean_iou": reward["box_iou"],
-            "points_on_object": reward["points"], "valid": reward["json"],
-            "format": reward["format"], "answer": reward["answer"], "reward": reward["total"]}
+    out = {"iou_gt_0.5": float(reward["box_iou"] > 0.5), "mean_iou": reward["box_iou"],
+           "points_on_object": reward["points"], "valid": reward["json"],
+           "format": reward["format"], "answer": reward["answer"], "reward": reward["total"]}
+    if cache.negative_images is not None:  # nan where this entry has no negative crop
+        out["found_on_target"] = float(not says_not_found(parse_output(text).response))
+        out["not_found_on_negative"] = float("nan")
+        if cache.negative_count(i):
+            neg_text = generate_texts(model, collator, cache.negative(i, 0)[0], lpr_prompt(record))[0][0]
+            out["not_found_on_negative"] = float(says_not_found(parse_output(neg_text).response))
+    return out

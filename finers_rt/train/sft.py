@@ -30,7 +30,8 @@ from finers_rt.errors import InputError
 from finers_rt.train import checkpoint as ckpt
 from finers_rt.train import dense, frozen_vision, shared_prefix
 from finers_rt.train.batch import Batch, Collator, PointerHead, to_device, token_losses
-from finers_rt.train.data import SampleCache, format_gse_answer, format_lpr_answer, gse_prompt, lpr_prompt
+from finers_rt.train.data import (NOT_FOUND_RESPONSE, SampleCache, format_gse_answer,
+                                  format_lpr_answer, gse_prompt, lpr_prompt)
 
 STAGES = ("gse", "lpr")
 # "stock": HF Qwen2.5-VL; "pointer": FinersPointerQwen2_5_VL (finers_rt.export.pointer)
@@ -82,6 +83,7 @@ class SftConfig:
     device: str = "cpu"
     workers: int = 0
     time_limit_s: float = 0.0
+    negative_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -116,6 +118,11 @@ class SftConfig:
                              f"next to <run>/trainer_state.pt, got '{self.init}'")
         if self.joint_weight < 0:
             raise InputError(f"joint weight must be >= 0, got {self.joint_weight}")
+        if not 0.0 <= self.negative_fraction < 1.0:
+            raise InputError(f"negative fraction must be in [0, 1), got {self.negative_fraction}")
+        if self.negative_fraction > 0 and (self.stage != "lpr" or self.blank_image):
+            raise InputError("--negative-fraction draws LPR crops without the target: stage lpr "
+                             "only, without --blank-image")
 
 
 def param_groups(cfg: SftConfig, model_params: list, head_params: list) -> list[dict]:
@@ -162,17 +169,52 @@ def stage_example(cache: SampleCache, stage: str, index: int, crop: int = 0,
             ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
 
 
+def negative_example(cache: SampleCache, index: int, k: int, option_think: bool = False):
+    """Like `stage_example` for LPR negative crop `k` of entry `index` (no target in it):
+    the answer boxes the decoy (or the whole crop) and says NOT_FOUND_RESPONSE."""
+    record = cache.entries[index]["record"]
+    image, meta, _ = cache.negative(index, k)
+    box = meta["answer_box_stage"]
+    return (image, lpr_prompt(record),
+            format_lpr_answer(record, box, meta["answer_points_stage"], option_think,
+                              response=NOT_FOUND_RESPONSE),
+            ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+
+
 def image_key(cache: SampleCache, stage: str, index: int, crop: int = 0) -> int:
-    """The row of entry `index`'s stage image in the cache (the frozen-vision memo's key)."""
-    return cache.gse_row(index) if stage == "gse" else cache.lpr_row(index, crop)
+    """The row of entry `index`'s stage image in the cache (the frozen-vision memo's key);
+    negative crop k is `crop` = -(k + 1), keyed after every positive row."""
+    if stage == "gse":
+        return cache.gse_row(index)
+    if crop < 0:
+        return cache.lpr_images.shape[0] + int(cache.entries[index]["negative_rows"][-crop - 1])
+    return cache.lpr_row(index, crop)
+
+
+def draw_crops(cache: SampleCache, cfg: SftConfig, picks: np.ndarray,
+               rng: np.random.Generator) -> list[int]:
+    """Per pick, a positive crop index (>= 0) or, with probability `negative_fraction` where
+    the entry has negatives, negative crop k as -(k + 1)."""
+    crops = rng.integers(0, cache.lpr_crops, size=len(picks))
+    if cfg.negative_fraction <= 0:
+        return [int(k) for k in crops]
+    out = []
+    for i, k in zip(picks, crops):
+        n_neg = cache.negative_count(int(i))
+        if n_neg and rng.random() < cfg.negative_fraction:
+            out.append(-int(rng.integers(n_neg)) - 1)
+        else:
+            out.append(int(k))
+    return out
 
 
 def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
                  rng: np.random.Generator, step: int) -> Batch:
     weights = cache.area_weights(min_area_at(cfg, step))
     picks = rng.choice(len(cache), size=cfg.batch_size, p=weights)
-    crops = rng.integers(0, cache.lpr_crops, size=cfg.batch_size)
-    examples = [stage_example(cache, cfg.stage, int(i), int(k), cfg.option_think)
+    crops = draw_crops(cache, cfg, picks, rng)
+    examples = [negative_example(cache, int(i), -k - 1, cfg.option_think) if k < 0 else
+                stage_example(cache, cfg.stage, int(i), int(k), cfg.option_think)
                 for i, k in zip(picks, crops)]
     images, texts, targets, pointers = (list(col) for col in zip(*examples))
     if cfg.blank_image:
