@@ -570,6 +570,11 @@ def eval_cmd(
     console = Console()
     for table in render_score_tables(result):
         console.print(table)
+    gse = result["region_gse"]
+    console.print(f"GSE's own crop holds the target on {gse['hits']}/{result['n_predictions']}; "
+                  f"answers came from: {result['paths']}; "
+                  f"time per question p50 {result['timings_ms']['total_p50']:.0f} ms, "
+                  f"p90 {result['timings_ms']['total_p90']:.0f} ms")
 
 
 def main() -> None:

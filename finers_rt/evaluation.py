@@ -15,7 +15,7 @@ import numpy as np
 from finers_rt.dataset import load_annotations, resolve_image_path
 from finers_rt.errors import InputError
 from finers_rt.image import load_image
-from finers_rt.metrics import MetricAccumulator
+from finers_rt.metrics import MetricAccumulator, is_box_inside_region
 from finers_rt.rle import encode_mask
 
 
@@ -35,12 +35,15 @@ def evaluate_folder(pipe, data_dir: str | os.PathLike, out_path: str | os.PathLi
         raise InputError(f"refusing to overwrite {out_path}; pass --force or choose another --out")
     annotations = load_annotations(annotations_path, images_dir=images_dir)[:limit]
     accumulator = MetricAccumulator(images_dir=images_dir)
-    predictions, totals = [], []
+    predictions, totals, paths, gse_hits = [], [], {}, []
     for ann in _progress(annotations, progress):
         image = load_image(resolve_image_path(images_dir, ann.image_path))
         result = pipe.run(image, ann.question, question_type=ann.q_type, options=ann.options)
         height, width = image.shape[:2]
-        accumulator.add(ann, result.mask, result.answer, result.region_xyxy, size_wh=(width, height))
+        sample = accumulator.add(ann, result.mask, result.answer, result.region_xyxy,
+                                 size_wh=(width, height))
+        paths[result.path] = paths.get(result.path, 0) + 1
+        gse_hits.append(_gse_crop_hit(result, sample.gt_box_xyxy))
         predictions.append({"index": ann.index, "mask_rle": encode_mask(result.mask),
                             "response": result.answer,
                             "bbox_xyxy": list(result.bbox_xyxy) if result.bbox_xyxy else None,
@@ -49,7 +52,13 @@ def evaluate_folder(pipe, data_dir: str | os.PathLike, out_path: str | os.PathLi
         totals.append(result.timings_ms.get("total_ms", 0.0))
     metrics = accumulator.result()
     metrics["n_predictions"] = len(predictions)
-    metrics["timings_ms"] = {"total_p50": float(np.median(totals)) if totals else None}
+    metrics["timings_ms"] = {"total_p50": float(np.median(totals)) if totals else None,
+                             "total_p90": float(np.percentile(totals, 90)) if totals else None}
+    # `region` scores the crop the answer came from (a fallback tile when one was used);
+    # `region_gse` scores GSE's own crop, the official stage metric, whatever came after it.
+    metrics["paths"] = paths
+    metrics["region_gse"] = {"hits": int(sum(gse_hits)),
+                             "recall_all": float(np.mean(gse_hits)) if gse_hits else None}
     if out_path is not None:
         _write_json(Path(out_path), {"predictions": predictions})
         metrics["predictions_path"] = str(out_path)
@@ -67,6 +76,13 @@ def _progress(items, enabled: bool):
         for item in items:
             yield item
             bar.advance(task)
+
+
+def _gse_crop_hit(result, gt_box_xyxy) -> bool:
+    """True when the GT box lies inside the crop made from GSE's region (the first LPR crop)."""
+    if result.gse_region_xyxy is None or not result.attempts or gt_box_xyxy is None:
+        return False
+    return is_box_inside_region(gt_box_xyxy, result.attempts[0]["crop_xyxy"])
 
 
 def _write_json(path: Path, payload: dict) -> None:

@@ -88,6 +88,7 @@ class SampleScore:
     answer_correct: bool | None   # None for `referring`
     has_region: bool
     region_hit: bool
+    gt_box_xyxy: tuple[float, float, float, float] | None = None  # None: empty GT mask
 
 
 @dataclass
@@ -160,8 +161,8 @@ class MetricAccumulator:
         inter, union = _intersection_union(pred_mask, gt, where)
         iou = inter / (union + IOU_EPS) + (1.0 if union == 0 else 0.0)
         correct = _answer_correct(annotation, response)
-        gt_box = mask_bbox_xyxy(gt) if region is not None else None
-        hit = gt_box is not None and is_box_inside_region(gt_box, region)
+        gt_box = mask_bbox_xyxy(gt)
+        hit = region is not None and gt_box is not None and is_box_inside_region(gt_box, region)
         # every check passed: only now touch the running sums
         bucket = annotation.size_bucket
         for key in (bucket, "all"):
@@ -176,7 +177,8 @@ class MetricAccumulator:
                 count.n += 1
                 count.correct += int(correct)
         sample = SampleScore(annotation.index, bucket, inter, union, iou, correct,
-                             region is not None, hit)
+                             region is not None, hit,
+                             None if gt_box is None else tuple(float(v) for v in gt_box))
         self.samples.append(sample)
         return sample
 

@@ -46,3 +46,28 @@ def test_eval_refuses_to_overwrite_and_bad_folder(tiny_bundle, dataset, tmp_path
     assert preds.read_text() == "keep me"
     run = CliRunner().invoke(app, ["eval", str(tmp_path), "--model", str(tiny_bundle)])
     assert "no annotations.json" in str(run.exception)
+
+
+def test_eval_reports_paths_and_the_gse_crop_recall_apart(dataset):
+    """`region` scores the crop the answer came from, `region_gse` GSE's own crop."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from finers_rt.evaluation import evaluate_folder
+
+    class TilePipe:
+        def run(self, image, question, question_type="referring", options=None):
+            h, w = image.shape[:2]
+            return SimpleNamespace(
+                mask=np.zeros((h, w), bool), answer="x", bbox_xyxy=None,
+                region_xyxy=(0, 0, w - 1, h - 1), gse_region_xyxy=(0, 0, 2, 2),
+                attempts=[{"crop_xyxy": [0, 0, 2, 2]}, {"crop_xyxy": [0, 0, w - 1, h - 1]}],
+                path="gse+tiles", timings_ms={"total_ms": 5.0})
+
+    metrics = evaluate_folder(TilePipe(), dataset, progress=False)
+    n = metrics["n_predictions"]
+    assert metrics["paths"] == {"gse+tiles": n}
+    assert metrics["region"]["hits"] == n and metrics["region_gse"]["hits"] == 0
+    assert metrics["region_gse"]["recall_all"] == 0.0
+    assert metrics["timings_ms"] == {"total_p50": 5.0, "total_p90": 5.0}
