@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 from finers_rt.errors import InputError  # noqa: E402
 from finers_rt.parsing import parse_output, says_not_found  # noqa: E402
-from finers_rt.train.data import StageSizes, polygon_box_xyxy  # noqa: E402
+from finers_rt.train.data import NOT_FOUND_THINK, StageSizes, polygon_box_xyxy  # noqa: E402
 
 SIZES = StageSizes(gse_size_wh=(112, 84), lpr_size_wh=(56, 56), scene_size_wh=(640, 360),
                    crop_min_side=128)
@@ -78,6 +78,7 @@ def test_negative_answers_say_not_found_and_sampling_draws_them(caches):
     image, text, target, pointer = negative_example(neg, 0, 0)
     parsed = parse_output(target)
     assert says_not_found(parsed.response) and parsed.bbox_xyxy is not None
+    assert target.startswith(NOT_FOUND_THINK)  # decided at the first answer word
     assert text == stage_example(neg, "lpr", 0)[1]  # the same prompt as the positive crop
     assert not says_not_found(parse_output(stage_example(neg, "lpr", 0)[2]).response)
     assert 0 <= pointer[0] <= 56 and 0 <= pointer[1] <= 56

@@ -67,6 +67,9 @@ def response_for(record: dict[str, Any]) -> str:
 # referring prompt asks "respond with whether the object is found"; `parsing.says_not_found`
 # reads it and the pipeline then tries further crops).
 NOT_FOUND_RESPONSE = "The object is not found."
+# ... and its think text: the decision is the answer's first word, written from the state that
+# reads the question (the last prompt position), not 30 tokens later at the response.
+NOT_FOUND_THINK = "<think>The query is not in this crop.</think>"
 
 
 THINK_TEXT = "<think>Search the image for the query.</think>"
@@ -112,14 +115,16 @@ def format_gse_answer(record: dict[str, Any], region_xyxy: Any, option_think: bo
 
 
 def format_lpr_answer(record: dict[str, Any], box_xyxy: Any, points_xy: Any,
-                      option_think: bool = False, response: str | None = None) -> str:
+                      option_think: bool = False, response: str | None = None,
+                      think: str | None = None) -> str:
     """The LPR answer: bbox, points_1, points_2, response (coordinates quantized);
-    `response` replaces the record's (e.g. NOT_FOUND_RESPONSE on a negative crop)."""
+    `response` / `think` replace the record's (NOT_FOUND_* on a negative crop)."""
     q = quantize_coordinate
     box = ",".join(str(q(v)) for v in box_xyxy)
     (ax, ay), (bx, by) = points_xy
     resp = (response if response is not None else response_for(record)).replace("'", " ")
-    return (f"{think_for(record, option_think)}<answer>{{'bbox': [{box}], "
+    think = think if think is not None else think_for(record, option_think)
+    return (f"{think}<answer>{{'bbox': [{box}], "
             f"'points_1': [{q(ax)},{q(ay)}], "
             f"'points_2': [{q(bx)},{q(by)}], 'response': '{resp}'}}</answer>")
 

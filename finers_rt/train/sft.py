@@ -30,8 +30,8 @@ from finers_rt.errors import InputError
 from finers_rt.train import checkpoint as ckpt
 from finers_rt.train import dense, frozen_vision, shared_prefix
 from finers_rt.train.batch import Batch, Collator, PointerHead, to_device, token_losses
-from finers_rt.train.data import (NOT_FOUND_RESPONSE, SampleCache, format_gse_answer,
-                                  format_lpr_answer, gse_prompt, lpr_prompt)
+from finers_rt.train.data import (NOT_FOUND_RESPONSE, NOT_FOUND_THINK, SampleCache,
+                                  format_gse_answer, format_lpr_answer, gse_prompt, lpr_prompt)
 
 STAGES = ("gse", "lpr")
 # "stock": HF Qwen2.5-VL; "pointer": FinersPointerQwen2_5_VL (finers_rt.export.pointer)
@@ -171,13 +171,14 @@ def stage_example(cache: SampleCache, stage: str, index: int, crop: int = 0,
 
 def negative_example(cache: SampleCache, index: int, k: int, option_think: bool = False):
     """Like `stage_example` for LPR negative crop `k` of entry `index` (no target in it):
-    the answer boxes the decoy (or the whole crop) and says NOT_FOUND_RESPONSE."""
+    the answer thinks NOT_FOUND_THINK, boxes the decoy (or the whole crop) and says
+    NOT_FOUND_RESPONSE."""
     record = cache.entries[index]["record"]
     image, meta, _ = cache.negative(index, k)
     box = meta["answer_box_stage"]
     return (image, lpr_prompt(record),
             format_lpr_answer(record, box, meta["answer_points_stage"], option_think,
-                              response=NOT_FOUND_RESPONSE),
+                              response=NOT_FOUND_RESPONSE, think=NOT_FOUND_THINK),
             ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
 
 
