@@ -92,8 +92,13 @@ def test_negative_answers_say_not_found_and_sampling_draws_them(caches):
     assert 0.4 < share < 0.6 and min(crops) >= -2
 
 
-def test_negative_fraction_configs_are_typed_errors():
-    from finers_rt.train.sft import SftConfig
+def test_negative_fraction_configs_are_typed_errors(caches, tmp_path):
+    from finers_rt.train.sft import SftConfig, train_sft
+
+    plain, _ = caches
+    with pytest.raises(InputError, match="--negative-crops"):
+        train_sft(SftConfig(stage="lpr", cache_dir=str(plain.folder), out_dir=str(tmp_path / "o"),
+                            init="test", negative_fraction=0.5), log=lambda m: None)
 
     with pytest.raises(InputError, match="stage lpr only"):
         SftConfig(stage="gse", cache_dir="c", out_dir="o", negative_fraction=0.3)

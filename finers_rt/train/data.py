@@ -27,8 +27,8 @@ from finers_rt.image import resize_for_stage
 from finers_rt.prompts import build_gse_prompt, build_lpr_prompt
 from finers_rt.train.model import quantize_coordinate
 
-REFERENCE_GSE_WH = (1920, 1080)
-NEGATIVES_FILE = "lpr_negative_images.npy"  # the frame FineRS's "256*256 region" is measured in
+REFERENCE_GSE_WH = (1920, 1080)  # the frame FineRS's "256*256 region" is measured in
+NEGATIVES_FILE = "lpr_negative_images.npy"  # LPR crops without the target (`train.negatives`)
 
 
 @dataclass(frozen=True)

@@ -439,6 +439,9 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = SampleCache(cfg.cache_dir)
+    if cfg.negative_fraction > 0 and cache.negative_images is None:
+        raise InputError(f"--negative-fraction needs crops without the target: {cfg.cache_dir} "
+                         "has none; build the cache with `finers-rt train cache --negative-crops K`")
     model, processor, src, state = build_model(cfg, run_dir, rank, log)
     collator = Collator(processor)
     text = model.config.text_config  # the aux head scores like the in-model pointer (joint_seed)
