@@ -570,11 +570,10 @@ def eval_cmd(
     console = Console()
     for table in render_score_tables(result):
         console.print(table)
-    gse = result["region_gse"]
-    console.print(f"GSE's own crop holds the target on {gse['hits']}/{result['n_predictions']}; "
-                  f"answers came from: {result['paths']}; "
-                  f"time per question p50 {result['timings_ms']['total_p50']:.0f} ms, "
-                  f"p90 {result['timings_ms']['total_p90']:.0f} ms")
+    times = {k: "-" if v is None else f"{v:.0f} ms" for k, v in result["timings_ms"].items()}
+    console.print(f"GSE's own crop holds the target on {result['region_gse']['hits']}/"
+                  f"{result['n_predictions']}; answers came from: {result['paths']}; time per "
+                  f"question p50 {times['total_p50']}, p90 {times['total_p90']}")
 
 
 def main() -> None:

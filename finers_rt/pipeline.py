@@ -282,7 +282,7 @@ class Pipeline:
         return _LprOutcome((x1, y1, x2, y2), crop, parsed, box, points, usable, reason)
 
     def _finish(self, frame, outcome, path, gse, gse_region, timings, raw, attempts,
-                question_type: str = "referring") -> Result:
+                question_type: str) -> Result:
         height, width = frame.shape[:2]
         mask = np.zeros((height, width), dtype=bool)
         score = bbox = points = region = None
@@ -332,7 +332,7 @@ class Pipeline:
 
 
 def _pick_answer(source: str, lpr_response: str | None, gse_response: str | None,
-                 question_type: str = "referring") -> str:
+                 question_type: str) -> str:
     """The configured stage's response, the other one when it has none. A question (reasoning,
     option) that the preferred stage answers with "not found" takes the other stage's answer
     when that one is an answer: "not found" only answers a referring question."""

@@ -71,3 +71,12 @@ def test_eval_reports_paths_and_the_gse_crop_recall_apart(dataset):
     assert metrics["region"]["hits"] == n and metrics["region_gse"]["hits"] == 0
     assert metrics["region_gse"]["recall_all"] == 0.0
     assert metrics["timings_ms"] == {"total_p50": 5.0, "total_p90": 5.0}
+
+
+def test_eval_of_a_folder_without_annotations_prints_its_tables(tiny_bundle, tmp_path):
+    """No question, no time: the summary line says so instead of failing on a missing p50."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations.json").write_text('{"annotations": []}')
+    run = CliRunner().invoke(app, ["eval", str(tmp_path), "--model", str(tiny_bundle)])
+    assert run.exit_code == 0, run.output
+    assert "on 0/0" in run.output and "p50 -, p90 -" in run.output

@@ -123,3 +123,19 @@ def test_lpr_run_with_negatives_trains_and_evaluates(caches, tmp_path):
     assert result["step"] == 3
     evals = [m for m in logs if "eval at step 3" in m]
     assert evals and "not_found_on_negative" in evals[0] and "found_on_target" in evals[0]
+
+
+def test_one_rendering_gives_the_scene_and_its_objects():
+    """`generate_scene_objects` = `generate_scene` + `scene_objects`, and each question's
+    target is found among the objects by its polygon box."""
+    from finers_rt.synth import generate_scene, generate_scene_objects, scene_objects
+    from finers_rt.train.negatives import target_object
+
+    image, records, objs = generate_scene_objects(3, 1, (640, 360), 3)
+    image_b, records_b = generate_scene(3, 1, (640, 360), 3)
+    np.testing.assert_array_equal(image, image_b)
+    assert records == records_b
+    assert [o.box_xyxy for o in objs] == [o.box_xyxy for o in scene_objects(3, 1, (640, 360))]
+    for record in records:
+        target = objs[target_object(record, objs, (640, 360))]
+        assert target.points_xy.tolist() == record["points"]

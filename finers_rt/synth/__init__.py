@@ -7,8 +7,8 @@ annotation records); `generate_dataset(out_dir, n, seed, size_wh, workers)` writ
 
 from finers_rt.synth.objects import COLORS, PATTERNS, SHAPES
 from finers_rt.synth.questions import ATTRIBUTE_MIX, QTYPE_MIX, REGIONS
-from finers_rt.synth.scene import generate_scene, image_name, scene_objects
+from finers_rt.synth.scene import generate_scene, generate_scene_objects, image_name, scene_objects
 from finers_rt.synth.writer import SynthSummary, generate_dataset, parse_size_wh
 
 __all__ = ["COLORS", "PATTERNS", "SHAPES", "ATTRIBUTE_MIX", "QTYPE_MIX", "REGIONS",
-           "generate_scene", "image_name", "scene_objects", "SynthSummary", "generate_dataset", "parse_size_wh"]
+           "generate_scene", "generate_scene_objects", "image_name", "scene_objects", "SynthSummary", "generate_dataset", "parse_size_wh"]

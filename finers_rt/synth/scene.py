@@ -132,6 +132,13 @@ def render_scene_bgr(seed: int, index: int, size_wh: tuple[int, int], extra_ques
                      ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """`generate_scene` with the image in BGR channel order (what the JPEG encoder takes,
     saving a full-image conversion per scene). Same pixels, channels reversed."""
+    image, records, _ = _render(seed, index, size_wh, extra_questions)
+    return image, records
+
+
+def _render(seed: int, index: int, size_wh: tuple[int, int], extra_questions: int
+            ) -> tuple[np.ndarray, list[dict[str, Any]], list[SceneObject]]:
+    """(BGR image, records, every object) of one scene."""
     size_wh = check_size_wh(size_wh)
     if isinstance(extra_questions, bool) or not isinstance(extra_questions, int) or extra_questions < 0:
         raise InputError(f"extra_questions must be an integer >= 0, got {extra_questions!r}")
@@ -150,7 +157,7 @@ def render_scene_bgr(seed: int, index: int, size_wh: tuple[int, int], extra_ques
     records = [annotation_record(objs[q.target], q.q_type, q.attribute, q.question, q.answer,
                                  q.options, image_name(index))
                for q in questions]
-    return image, records
+    return image, records, objs
 
 
 def scene_objects(seed: int, index: int, size_wh: tuple[int, int] = (3840, 2160)
@@ -176,5 +183,14 @@ def generate_scene(seed: int, index: int, size_wh: tuple[int, int] = (3840, 2160
     targets (same type/attribute mix, drawn from a separate random stream, so the image and
     the first records are unchanged): more supervised targets per rendered scene for training.
     """
-    image_bgr, records = render_scene_bgr(seed, index, size_wh, extra_questions)
-    return cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB), records
+    image, records, _ = generate_scene_objects(seed, index, size_wh, extra_questions)
+    return image, records
+
+
+def generate_scene_objects(seed: int, index: int, size_wh: tuple[int, int] = (3840, 2160),
+                           extra_questions: int = 0
+                           ) -> tuple[np.ndarray, list[dict[str, Any]], list[SceneObject]]:
+    """`generate_scene` plus every object of the scene (targets and distractors, as
+    `scene_objects` gives them), from one rendering."""
+    image_bgr, records, objs = _render(seed, index, size_wh, extra_questions)
+    return cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB), records, objs

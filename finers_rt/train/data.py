@@ -231,23 +231,24 @@ def iter_scenes(seed: int, n_scenes: int, sizes: StageSizes, lpr_crops: int = 2,
     per scene of start..start+n-1: the scene is resized for GSE once, whatever its number of
     questions. Negative items (`train.negatives`) come from their own random stream, so the
     positive crops are the same with or without them."""
-    from finers_rt.synth import generate_scene, scene_objects
+    from finers_rt.synth import generate_scene_objects
     from finers_rt.train import negatives
 
     for index in range(start, start + n_scenes):
-        image, records = generate_scene(seed, index, sizes.scene_size_wh, extra_questions)
+        image, records, objs = generate_scene_objects(seed, index, sizes.scene_size_wh,
+                                                      extra_questions)
         rng = np.random.default_rng(np.random.SeedSequence([seed, index, 7]))
         neg_rng = np.random.default_rng(np.random.SeedSequence([seed, index, 13]))
         wh = (image.shape[1], image.shape[0])
-        objs = scene_objects(seed, index, sizes.scene_size_wh) if negative_crops else []
         items = []
         for record in records:
             positives = [make_lpr_item(image, record, sizes, rng) for _ in range(lpr_crops)]
             negs = []
             if negative_crops:
-                crops = negatives.pick_negative_crops(record, objs, wh, sizes, neg_rng,
+                target = negatives.target_object(record, objs, wh)
+                crops = negatives.pick_negative_crops(target, objs, wh, sizes, neg_rng,
                                                       negative_crops)
-                negs = [negatives.negative_item(image, record, objs, c, sizes) for c in crops]
+                negs = [negatives.negative_item(image, target, objs, c, sizes) for c in crops]
             items.append((record, gse_meta(record, wh, sizes), positives, negs))
         yield resize_for_stage(image, sizes.gse_size_wh), items
 

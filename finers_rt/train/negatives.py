@@ -31,14 +31,13 @@ from finers_rt.train.data import StageSizes, crop_item, polygon_box_xyxy, random
 FIELDS = ("color", "shape", "pattern")
 
 
-def target_object(record: dict[str, Any], objs: list) -> int:
-    """Index of the record's target among the scene's objects (nearest box centre)."""
-    x1, y1, x2, y2 = polygon_box_xyxy(record["points"])
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    dist = [(o.box_xyxy[0] + o.box_xyxy[2] + 1) / 2 - cx for o in objs]
-    dist = [dx * dx + ((o.box_xyxy[1] + o.box_xyxy[3] + 1) / 2 - cy) ** 2
-            for dx, o in zip(dist, objs)]
-    return int(np.argmin(dist))
+def target_object(record: dict[str, Any], objs: list, image_wh: tuple[int, int]) -> int:
+    """Index of the record's target among the scene's objects (`dense.target_row`: the object
+    whose pixel box is the question's polygon box)."""
+    from finers_rt.train import dense
+
+    return dense.target_row(dense.object_rows(objs, image_wh), polygon_box_xyxy(record["points"]),
+                            image_wh)
 
 
 def shared_fields(a, b) -> int:
@@ -47,23 +46,17 @@ def shared_fields(a, b) -> int:
 
 
 def _object_box(obj) -> tuple[float, float, float, float]:
-    x1, y1, x2, y2 = obj.box_xyxy  # inclusive pixels
+    x1, y1, x2, y2 = obj.box_xyxy  # inclusive pixels -> half-open
     return (float(x1), float(y1), float(x2) + 1.0, float(y2) + 1.0)
 
 
-def _touches(box_a, box_b) -> bool:
-    return box_a[0] < box_b[2] and box_b[0] < box_a[2] and box_a[1] < box_b[3] and box_b[1] < box_a[3]
-
-
-def pick_negative_crops(record: dict[str, Any], objs: list, image_wh: tuple[int, int],
-                        sizes: StageSizes, rng: np.random.Generator, count: int
-                        ) -> list[tuple[int, int, int, int]]:
-    """Up to `count` crops (x1, y1, x2, y2, original pixels) that do not touch the target."""
-    target = objs[target_object(record, objs)]
-    target_box = _object_box(target)
+def pick_negative_crops(target: int, objs: list, image_wh: tuple[int, int], sizes: StageSizes,
+                        rng: np.random.Generator, count: int) -> list[tuple[int, int, int, int]]:
+    """Up to `count` crops (x1, y1, x2, y2, original pixels) that do not touch objs[target]."""
+    target_box = _object_box(objs[target])
     tiles = [t for t in geometry.tile_grid(image_wh, sizes.crop_min_side, TILE_OVERLAP)
-             if not _touches(t, target_box)]
-    look_alikes = [o for o in objs if o is not target and shared_fields(o, target) > 0]
+             if geometry.box_iou(t, target_box) == 0]
+    look_alikes = [o for i, o in enumerate(objs) if i != target and shared_fields(o, objs[target])]
     side = sizes.region_side_original(image_wh)
     crops = []
     for _ in range(count * 4):  # a few tries: a decoy's crop may touch the target
@@ -73,37 +66,34 @@ def pick_negative_crops(record: dict[str, Any], objs: list, image_wh: tuple[int,
             decoy = look_alikes[int(rng.integers(len(look_alikes)))]
             region = random_region(_object_box(decoy), side, image_wh, rng)
             crop = geometry.dynamic_box(region, image_wh, sizes.crop_min_side)
-            crop = tuple(int(v) for v in crop)
         elif tiles:
-            crop = tuple(int(v) for v in tiles[int(rng.integers(len(tiles)))])
+            crop = tiles[int(rng.integers(len(tiles)))]
         else:
             break
-        if not _touches(crop, target_box) and not geometry.crop_is_empty(crop):
+        crop = tuple(int(v) for v in crop)
+        if geometry.box_iou(crop, target_box) == 0 and not geometry.crop_is_empty(crop):
             crops.append(crop)
     return crops
 
 
-def decoy_in_crop(crop_xyxy, objs: list, target_index: int) -> int | None:
-    """The whole object in the crop most like the target (shared fields, then area), or None."""
-    x1, y1, x2, y2 = crop_xyxy
-    target = objs[target_index]
+def decoy_in_crop(crop_xyxy, objs: list, target: int) -> int | None:
+    """The whole object in the crop most like objs[target] (shared fields, then area), or None."""
     best, best_key = None, None
     for i, o in enumerate(objs):
-        bx1, by1, bx2, by2 = _object_box(o)
-        if i == target_index or bx1 < x1 or by1 < y1 or bx2 > x2 or by2 > y2:
+        if i == target or not geometry.box_inside(_object_box(o), crop_xyxy):
             continue
-        key = (shared_fields(o, target), o.area_px)
+        key = (shared_fields(o, objs[target]), o.area_px)
         if best_key is None or key > best_key:
             best, best_key = i, key
     return best
 
 
-def negative_item(image: np.ndarray, record: dict[str, Any], objs: list, crop_xyxy,
+def negative_item(image: np.ndarray, target: int, objs: list, crop_xyxy,
                   sizes: StageSizes) -> dict[str, Any]:
     """The crop resized to the LPR stage and the meta of its NOT-found answer:
     crop_original, answer_box_stage, answer_points_stage (the decoy's, or the whole crop),
     decoy (bool)."""
-    decoy = decoy_in_crop(crop_xyxy, objs, target_object(record, objs))
+    decoy = decoy_in_crop(crop_xyxy, objs, target)
     if decoy is not None:
         item = crop_item(image, {"points": objs[decoy].points_xy.tolist()}, crop_xyxy, sizes)
         if item["meta"]["box_stage"] is not None:
