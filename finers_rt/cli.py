@@ -362,11 +362,12 @@ def _sft_command(stage: str):
         carry_heads: bool = typer.Option(False, "--carry-heads", help="Start the training-only heads (pointer, dense, query) from those saved by the run whose checkpoint --init is (<run>/checkpoint next to <run>/trainer_state.pt) instead of fresh weights; a head with other shapes stays fresh."),
         query_at_x1: bool = typer.Option(False, "--query-at-x1", help="Apply the --query-weight loss at the position that writes the first coordinate (x1) as well as at the last prompt position (mean of the two), so the state the in-model pointer reads there carries the question."),
         blank_image: bool = typer.Option(False, "--blank-image", help="Question-reading warm-up: every question is shown with a blank minimal image (4 image tokens) and only the --query-weight loss trains (~260 LM tokens per question, against ~1,470 for a 1288x728 GSE sample)."),
-        head_lr: float = typer.Option(0.0, "--head-lr", help="Peak learning rate of the training-only heads (pointer, dense, query; same schedule shape); 0 = --lr."),
+        head_lr: float = typer.Option(0.0, "--head-lr", help="Peak learning rate of the training-only heads (pointer, dense, query; with --tie-weight also the in-model pointer key / query it ties; same schedule shape); 0 = --lr."),
         freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Keep the vision tower as --init has it (no gradient); each image's features are computed once and reused (e.g. after `train vision`)."),
         questions_per_image: int = typer.Option(1, "--questions-per-image", help="GSE only: draw up to N questions per scene and compute each scene's image prefix once per step (same losses, ~3.5x fewer LM tokens per question at 1288x728 with 8)."),
         option_think: bool = typer.Option(False, "--option-think", help="Option questions' think text names the answer in words before the letter (experimental, off in the shipped recipe)."),
         negative_fraction: float = typer.Option(0.0, "--negative-fraction", help="LPR only: this fraction of samples are crops without the target (a cache built with --negative-crops), answered 'The object is not found.' so the pipeline moves on to further crops."),
+        tie_weight: float = typer.Option(0.0, "--tie-weight", help="GSE with --joint-pointer: weight of the losses that make the in-model pointer's key the image token's attribute + image-region log-odds and its query (last prompt position and x1) the values the question names, so one dot product scores the conjunction (adds learned per-cell key terms; 0 = off)."),
         save_every: int = typer.Option(100, "--save-every", help="Checkpoint every N steps."),
         eval_every: int = typer.Option(0, "--eval-every", help="Greedy held-out eval every N steps (needs --eval-cache)."),
         eval_cache: str = typer.Option(None, "--eval-cache", help="Held-out cache folder."),
@@ -391,7 +392,7 @@ def _sft_command(stage: str):
                             eval_every=eval_every, eval_cache=eval_cache,
                             eval_samples=eval_samples, seed=seed, threads=threads,
                             device=device, workers=workers, time_limit_s=time_limit,
-                            negative_fraction=negative_fraction)
+                            negative_fraction=negative_fraction, tie_weight=tie_weight)
         result = sft.train_sft(cfg, log=typer.echo)
         typer.echo(f"{stage}: step {result['step']}, loss {result['loss']:.3f} -> "
                    f"{result['checkpoint']} ({result['seconds']:.0f} s)")

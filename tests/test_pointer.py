@@ -126,7 +126,8 @@ def test_pointer_training_option_adds_the_pointer_and_its_loss(tmp_path):
 
 
 @pytest.mark.parametrize("kv_cache,joint", [("shared", False), ("concat", False),
-                                           ("shared", True)])
+                                           ("shared", True), ("shared", "cells"),
+                                           ("concat", "cells")])
 def test_export_parity_and_runtime_greedy_equal_hf_generate(pointer_dirs, tmp_path, kv_cache,
                                                             joint, request):
     pytest.importorskip("onnxruntime")
@@ -134,8 +135,12 @@ def test_export_parity_and_runtime_greedy_equal_hf_generate(pointer_dirs, tmp_pa
     from finers_rt.export.vlm import VlmExportOptions, export_vlm
     from finers_rt.vlm import VlmStage
 
-    # the joint pointer (one attention for both axes) goes through the same graph contract
-    ptr = request.getfixturevalue("joint_dir")[0] if joint else pointer_dirs[1]
+    # the joint pointer (one attention for both axes) goes through the same graph contract, and
+    # so does one whose keys carry learned per-cell terms
+    if joint == "cells":
+        ptr = request.getfixturevalue("cell_keys_dir")
+    else:
+        ptr = request.getfixturevalue("joint_dir")[0] if joint else pointer_dirs[1]
     manifest = export_vlm(ptr, tmp_path / "stage", VlmExportOptions(
         role="lpr", image_size_wh=(84, 84), kv_cache=kv_cache))
     assert manifest.validation["greedy_tokens_equal"] is True
@@ -208,6 +213,43 @@ def joint_dir(pointer_dirs, tmp_path_factory):
             "query.weight": torch.randn(dim, hidden, generator=gen) * 0.5,
             "query.bias": torch.randn(dim, generator=gen) * 0.5}
     return add_pointer(ptr, tmp_path_factory.mktemp("joint") / "joint", joint=True, seed=seed), seed
+
+
+@pytest.fixture(scope="module")
+def cell_keys_dir(joint_dir, tmp_path_factory):
+    """The joint checkpoint with per-cell key terms (zero when added, then set to large random
+    values so they move greedy choices)."""
+    from finers_rt.export.pointer import add_pointer, has_cell_keys, load_vlm
+
+    joint, _seed = joint_dir
+    out = add_pointer(joint, tmp_path_factory.mktemp("cells") / "cells", cell_keys=True)
+    assert has_cell_keys(out) and not has_cell_keys(joint)
+    model = load_vlm(out, dtype=torch.float32)
+    assert model.pointer.joint and float(model.pointer.cell_key.abs().max()) == 0.0
+    torch.testing.assert_close(model.pointer.key.weight, load_vlm(joint).pointer.key.weight)
+    with torch.no_grad():
+        model.pointer.cell_key.copy_(torch.randn(model.pointer.cell_key.shape,
+                                                 generator=torch.Generator().manual_seed(3)) * 2)
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def test_cell_keys_add_a_column_and_a_row_term_to_every_key(cell_keys_dir):
+    from finers_rt.export.pointer import load_vlm, pointer_kv
+
+    head = load_vlm(cell_keys_dir, dtype=torch.float32).pointer
+    hidden = torch.randn(1, 3, head.key.in_features)
+    # (t, h, w): a text token (cell 0, 0), an image token at column 2 / row 1, one past the table
+    pos = torch.tensor([[[5, 5, 5]], [[5, 6, 7]], [[5, 7, 105]]])  # [3 (t, h, w), 1, 3]
+    keys, values = pointer_kv(head, hidden, pos)
+    base = head.key(hidden)
+    want = [head.cell_key[0, 0] + head.cell_key[1, 0], head.cell_key[0, 2] + head.cell_key[1, 1],
+            head.cell_key[0, head.num_cells - 1] + head.cell_key[1, 2]]
+    with torch.no_grad():
+        for s, term in enumerate(want):
+            torch.testing.assert_close(keys[0, s, 0], base[0, s] + term)
+            torch.testing.assert_close(keys[0, s, 1], base[0, s] + term)  # joint: both heads
+    assert values[0, 1, 0, 2] == 1 and values[0, 1, 1, 1] == 1  # values still the cell one-hots
 
 
 def test_joint_pointer_axes_are_the_marginals_of_one_attention(pointer_dirs, joint_dir):

@@ -48,14 +48,18 @@ POINTER_EPS = 1e-6
 
 
 def pointer_settings(coord_ids_values: dict[int, int], cell_px: int, max_value: int,
-                     joint: bool = False) -> dict[str, Any]:
+                     joint: bool = False, cell_keys: bool = False) -> dict[str, Any]:
     """The `finers_pointer` config dict for a tokenizer's coordinate tokens {id: value};
-    `joint`: one attention (shared key and query) for both axes."""
+    `joint`: one attention (shared key and query) for both axes; `cell_keys`: every token's
+    pointer key also gets a learned vector of its column and one of its row."""
     ids = sorted(coord_ids_values)
-    return {"version": 1, "coord_token_ids": ids,
-            "coord_values": [int(coord_ids_values[i]) for i in ids],
-            "cell_px": int(cell_px), "num_cells": int(max_value) // int(cell_px) + 1,
-            "eps": POINTER_EPS, "shift": True, "joint": bool(joint)}
+    out = {"version": 1, "coord_token_ids": ids,
+           "coord_values": [int(coord_ids_values[i]) for i in ids],
+           "cell_px": int(cell_px), "num_cells": int(max_value) // int(cell_px) + 1,
+           "eps": POINTER_EPS, "shift": True, "joint": bool(joint)}
+    if cell_keys:
+        out["cell_keys"] = True
+    return out
 
 
 def cell_weights(settings: dict[str, Any], vocab_size: int, num_cells: int | None = None) -> torch.Tensor:
@@ -107,6 +111,11 @@ class PointerHead(nn.Module):
         # optional learned shift (in cells) of each axis distribution: a GSE region's x1 sits
         # 1.5 cells left of the target the pointer finds, a box edge half a width away
         self.shift = nn.Linear(hidden, 2) if settings.get("shift") else None
+        # optional learned key term per column and per row of a token's cell ("cell_keys"):
+        # the key then says where the token is, not only what its state holds, so a query can
+        # ask for "the top-left of the image" (cell_key[0] = columns, cell_key[1] = rows)
+        self.cell_key = (nn.Parameter(torch.zeros(2, self.num_cells, head_dim))
+                         if settings.get("cell_keys") else None)
         self.register_buffer("cell_map", cell_weights(settings, vocab_size, self.num_cells),
                              persistent=False)
         self.register_buffer("coord_mask", coordinate_mask(settings, vocab_size), persistent=False)
@@ -140,12 +149,21 @@ def pointer_kv(head: PointerHead, hidden: torch.Tensor, position_ids: torch.Tens
     bsz, seq = hidden.shape[0], hidden.shape[1]
     keys = pointer_heads(head, head.key, hidden)
     cells = pointer_cells(position_ids)  # [B, S, 2]
+    if head.cell_key is not None:
+        keys = keys + cell_key_terms(head, cells)[:, :, None, :]
     values = (cells[..., None] == head.slots).to(hidden.dtype)  # [B, S, 2, D]
     pad = head.num_kv_heads - 2
     if pad:
         keys = torch.cat([keys, keys.new_zeros(bsz, seq, pad, head.head_dim)], dim=2)
         values = torch.cat([values, values.new_zeros(bsz, seq, pad, head.head_dim)], dim=2)
     return keys, values
+
+
+def cell_key_terms(head: PointerHead, cells: torch.Tensor) -> torch.Tensor:
+    """cells [..., 2] float (column, row) -> [..., D]: the learned column + row key terms
+    (indices clamped to the table; text tokens sit in cell (0, 0))."""
+    index = cells.clamp(0, head.num_cells - 1).to(torch.long)
+    return head.cell_key[0][index[..., 0]] + head.cell_key[1][index[..., 1]]
 
 
 def pointer_axis_probs(head: PointerHead, hidden: torch.Tensor, keys: torch.Tensor,
@@ -293,6 +311,11 @@ def is_joint(hf_dir: str | Path) -> bool:
     return bool(_settings_of(hf_dir).get("joint", False))
 
 
+def has_cell_keys(hf_dir: str | Path) -> bool:
+    """Whether the HF folder's pointer keys carry the learned per-cell terms."""
+    return bool(_settings_of(hf_dir).get("cell_keys", False))
+
+
 def model_class_for(hf_dir: str | Path):
     """FinersPointerQwen2_5_VL for pointer checkpoints, the stock HF class otherwise."""
     return FinersPointerQwen2_5_VL if has_pointer(hf_dir) else Qwen2_5_VLForConditionalGeneration
@@ -304,7 +327,8 @@ def load_vlm(hf_dir: str | Path, **kwargs):
 
 
 def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = None,
-                joint: bool | None = None, seed: dict[str, torch.Tensor] | None = None) -> Path:
+                joint: bool | None = None, seed: dict[str, torch.Tensor] | None = None,
+                cell_keys: bool | None = None) -> Path:
     """Write `src_dir` (a finers-tiny-style checkpoint with coordinate tokens) as a pointer
     checkpoint at `out_dir` with the current pointer settings: same weights, fresh weights for
     the pointer parts the source lacks (all of them for a stock checkpoint; the shift for a
@@ -312,7 +336,9 @@ def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = 
     per-axis (False); None keeps the source's kind (per-axis for a stock source). Switching
     kind gives fresh key / query weights, or `seed`'s: a state dict with "key.weight",
     "key.bias", "query.weight", "query.bias" of one head (e.g. the training-only
-    `batch.PointerHead`, which scores image tokens the same way), used where its shapes fit."""
+    `batch.PointerHead`, which scores image tokens the same way), used where its shapes fit.
+    `cell_keys`: add (True, zero-initialised) or drop (False) the learned per-cell key terms;
+    None keeps the source's."""
     from transformers import AutoConfig, AutoTokenizer
 
     from finers_rt.train.checkpoint import copy_processor_files
@@ -330,10 +356,16 @@ def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = 
     was_joint = bool(old.get("joint", False))
     joint = was_joint if joint is None else bool(joint)
     switched = bool(old) and joint != was_joint
-    setattr(config, POINTER_KEY, pointer_settings(coords, cell_px, COORD_MAX, joint=joint))
+    had_cells = bool(old.get("cell_keys", False))
+    cell_keys = had_cells if cell_keys is None else bool(cell_keys)
+    setattr(config, POINTER_KEY, pointer_settings(coords, cell_px, COORD_MAX, joint=joint,
+                                                  cell_keys=cell_keys))
     # a kind switch changes the key / query shapes: those two start fresh (or from `seed`)
     model = FinersPointerQwen2_5_VL.from_pretrained(str(src), config=config, dtype=torch.float32,
                                                     ignore_mismatched_sizes=switched)
+    if cell_keys and not had_cells:  # new parameters: zero, whatever the loader left there
+        with torch.no_grad():
+            model.pointer.cell_key.zero_()
     if seed is not None and joint:
         head = model.pointer
         with torch.no_grad():

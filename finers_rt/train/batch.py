@@ -39,6 +39,7 @@ class Batch:
     cell_labels: torch.Tensor | None = None
     image_keys: torch.Tensor | None = None
     query_labels: torch.Tensor | None = None
+    region_labels: torch.Tensor | None = None  # [B] (`tie.region_label`, -1 = none) or None
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,

@@ -28,7 +28,7 @@ import torch
 
 from finers_rt.errors import InputError
 from finers_rt.train import checkpoint as ckpt
-from finers_rt.train import dense, frozen_vision, shared_prefix
+from finers_rt.train import dense, frozen_vision, shared_prefix, tie
 from finers_rt.train.batch import Batch, Collator, PointerHead, to_device, token_losses
 from finers_rt.train.data import (NOT_FOUND_RESPONSE, NOT_FOUND_THINK, SampleCache,
                                   format_gse_answer, format_lpr_answer, gse_prompt, lpr_prompt)
@@ -84,6 +84,7 @@ class SftConfig:
     workers: int = 0
     time_limit_s: float = 0.0
     negative_fraction: float = 0.0
+    tie_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -100,10 +101,11 @@ class SftConfig:
                              "stage gse only (an LPR crop belongs to one question)")
         if self.lr <= 0 or self.min_lr < 0:
             raise InputError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
-        if self.blank_image and (self.query_weight <= 0 or self.dense_weight > 0
-                                 or self.questions_per_image > 1):
+        if self.blank_image and ((self.query_weight <= 0 and self.tie_weight <= 0)
+                                 or self.dense_weight > 0 or self.questions_per_image > 1):
             raise InputError("--blank-image trains only the question-reading loss: it needs "
-                             "--query-weight > 0, and no --dense-weight or --questions-per-image")
+                             "--query-weight > 0 or --tie-weight > 0, and no --dense-weight or "
+                             "--questions-per-image")
         if self.head_lr < 0:
             raise InputError(f"head lr must be >= 0 (0 = the model's lr), got {self.head_lr}")
         if self.joint_pointer and self.model_class != "pointer":
@@ -120,6 +122,11 @@ class SftConfig:
             raise InputError(f"joint weight must be >= 0, got {self.joint_weight}")
         if not 0.0 <= self.negative_fraction < 1.0:
             raise InputError(f"negative fraction must be in [0, 1), got {self.negative_fraction}")
+        if self.tie_weight < 0:
+            raise InputError(f"tie weight must be >= 0, got {self.tie_weight}")
+        if self.tie_weight > 0 and (self.stage != "gse" or not self.joint_pointer):
+            raise InputError("--tie-weight ties the joint in-model pointer to the scene's "
+                             "per-cell labels: stage gse with --model-class pointer --joint-pointer")
         if self.negative_fraction > 0 and (self.stage != "lpr" or self.blank_image):
             raise InputError("--negative-fraction draws LPR crops without the target: stage lpr "
                              "only, without --blank-image")
@@ -224,11 +231,13 @@ def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
     if cfg.freeze_vision and not cfg.blank_image:
         batch.image_keys = torch.tensor([image_key(cache, cfg.stage, int(i), int(k))
                                          for i, k in zip(picks, crops)], dtype=torch.long)
-    if cfg.dense_weight > 0:
+    if cfg.dense_weight > 0 or (cfg.tie_weight > 0 and not cfg.blank_image):
         batch.cell_labels = dense.batch_labels([cache.object_rows(int(i)) for i in picks],
                                                batch.image_grid_thw, collator.vision.merge_size)
-    if cfg.query_weight > 0:
+    if cfg.query_weight > 0 or cfg.tie_weight > 0:
         batch.query_labels = question_labels(cache, [int(i) for i in picks])
+    if cfg.tie_weight > 0:
+        batch.region_labels = region_labels(cache, [int(i) for i in picks])
     return batch
 
 
@@ -239,6 +248,12 @@ def blank_image(collator: Collator) -> np.ndarray:
     unit = vision.patch_size * vision.merge_size
     side = unit * max(1, math.ceil(math.sqrt(vision.min_pixels) / unit))
     return np.full((side, side, 3), 128, np.uint8)
+
+
+def region_labels(cache: SampleCache, indices: list[int]) -> torch.Tensor:
+    """[len(indices)] long: the image region each entry's question names (`tie.region_label`)."""
+    return torch.tensor([tie.region_label(cache.entries[i]["record"]["Q"]) for i in indices],
+                        dtype=torch.long)
 
 
 def question_labels(cache: SampleCache, indices: list[int]) -> torch.Tensor:
@@ -280,12 +295,14 @@ def sample_shared_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
             break
     images = [np.asarray(cache.gse_images[r]) for r in rows]
     batch = shared_prefix.collate_shared(collator, images, groups, keys=rows)
-    if cfg.dense_weight > 0:
+    if cfg.dense_weight > 0 or cfg.tie_weight > 0:
         batch.prefix.cell_labels = dense.batch_labels([cache.object_rows(i) for i in firsts],
                                                       batch.prefix.image_grid_thw,
                                                       collator.vision.merge_size)
-    if cfg.query_weight > 0:
+    if cfg.query_weight > 0 or cfg.tie_weight > 0:
         batch.query_labels = question_labels(cache, questions)
+    if cfg.tie_weight > 0:
+        batch.region_labels = region_labels(cache, questions)
     return batch
 
 
@@ -397,7 +414,7 @@ def carry_heads(heads: torch.nn.ModuleDict, init_dir: Path, log: Callable[[str],
 def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0, log: Callable[[str], None] = print):
     """(model, processor, source folder of the processor files, resumed state or None)."""
     from finers_rt.export.checkpoints import load_processor
-    from finers_rt.export.pointer import add_pointer, has_pointer, is_joint, load_vlm
+    from finers_rt.export.pointer import add_pointer, has_cell_keys, has_pointer, is_joint, load_vlm
     from finers_rt.train.model import MODEL_CONFIGS, make_initial_checkpoint
 
     state_path = run_dir / "trainer_state.pt"
@@ -420,12 +437,14 @@ def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0, log: Callable[[str
                          "--joint-pointer, or start a new --out with --init its checkpoint")
     needs_pointer = cfg.model_class == "pointer" and not has_pointer(src)
     needs_joint = cfg.joint_pointer and not is_joint(src)
-    if state is None and (needs_pointer or needs_joint):
+    needs_cells = cfg.tie_weight > 0 and not has_cell_keys(src)
+    if state is None and (needs_pointer or needs_joint or needs_cells):
         stock, src = src, run_dir / "init_pointer"
         if rank == 0 and not (src / "config.json").is_file():
             torch.manual_seed(cfg.seed)
             seed = joint_seed(stock, log) if needs_joint else None
-            add_pointer(stock, src, joint=True if cfg.joint_pointer else None, seed=seed)
+            add_pointer(stock, src, joint=True if cfg.joint_pointer else None, seed=seed,
+                        cell_keys=True if needs_cells else None)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     model = load_vlm(src, dtype=torch.float32, attn_implementation="sdpa")
@@ -448,7 +467,9 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     pointer = PointerHead(text.hidden_size, dim=text.hidden_size // text.num_attention_heads)
     cells = dense.DenseHead(model.config.text_config.hidden_size)
     query = dense.QueryHead(model.config.text_config.hidden_size)
-    needs_objects = cfg.dense_weight > 0 or cfg.query_weight > 0
+    needs_objects = cfg.dense_weight > 0 or cfg.query_weight > 0 or cfg.tie_weight > 0
+    if cfg.tie_weight > 0:
+        tie.check_head(getattr(model, "pointer", None))
     if needs_objects and rank == 0:
         cache.scene_objects(log)  # built once by rank 0; the other ranks read it after the barrier
     if needs_objects and world > 1:
@@ -471,6 +492,10 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
                    + (list(cells.parameters()) if cfg.dense_weight > 0 else [])
                    + (list(query.parameters()) if cfg.query_weight > 0 else []))
     model_params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.tie_weight > 0:  # the tied key / query are read out like the heads: the heads' lr
+        tied = {id(p) for p in tie.tied_parameters(model.pointer)}
+        head_params += [p for p in model_params if id(p) in tied]
+        model_params = [p for p in model_params if id(p) not in tied]
     params = model_params + head_params
     groups = param_groups(cfg, model_params, head_params)
     scales = [g["lr_scale"] for g in groups]
@@ -590,6 +615,10 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
             query_loss = 0.5 * (query_loss + heads["query"](
                 last, _x1_positions(batch.labels, collator, cfg.stage, batch.answer_pos),
                 batch.query_labels))
+    tie_key = tie_query = zero
+    if cfg.tie_weight > 0:
+        tie_key, tie_query = _tie_losses(hf_model.pointer, batch, images, last_img, last,
+                                         collator, cfg)
     dense_loss = zero
     if cfg.dense_weight > 0 and images.cell_labels is not None:
         dense_loss = heads["dense"](last_img, images.image_spans, images.image_grid_thw,
@@ -597,7 +626,8 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
     loss = (text_loss + cfg.coord_weight * coord_loss + cfg.pointer_weight * point_loss
             + cfg.axis_weight * axis_loss + cfg.joint_weight * joint_loss
             + cfg.dense_weight * dense_loss
-            + cfg.query_weight * query_loss)
+            + cfg.query_weight * query_loss
+            + cfg.tie_weight * (tie_key + tie_query))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if world > 1:  # the heads are outside DDP: average their gradients by hand
@@ -610,7 +640,41 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
     return {"loss": loss.item(), "text": text_loss.item(), "coord": coord_loss.item(),
             "pointer": point_loss.item(), "axis": axis_loss.item(), "joint": joint_loss.item(),
             "dense": dense_loss.item(),
-            "query": query_loss.item()}
+            "query": query_loss.item(), "tie_key": tie_key.item(), "tie_query": tie_query.item()}
+
+
+def _tie_losses(head, batch, images, last_img: torch.Tensor, last: torch.Tensor,
+                collator: Collator, cfg: SftConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key loss, query loss) of `tie`: the in-model pointer's key on the image tokens (and
+    text tokens) of `images`, its query at the last prompt position and at x1 of each question.
+    `images` is the `Batch` holding the image tokens (`batch` itself, or a shared batch's
+    prefix); `last_img` / `last` the final normed states of those rows / of the question rows."""
+    zero = last.sum() * 0
+    key = zero
+    if images.cell_labels is not None and not cfg.blank_image:
+        key = tie.key_loss(head, last_img, images.image_spans, images.image_grid_thw,
+                           images.cell_labels, collator.vision.merge_size,
+                           _text_states(batch, images, last_img, last))
+    query = zero
+    if batch.query_labels is not None and batch.region_labels is not None:
+        rows = torch.arange(last.shape[0], device=last.device)
+        x1 = _x1_positions(batch.labels, collator, cfg.stage, batch.answer_pos)
+        states = torch.cat([last[rows, batch.answer_pos], last[rows, x1]])
+        targets = tie.query_targets(batch.query_labels, batch.region_labels)
+        query = tie.query_loss(head, states, torch.cat([targets, targets]))
+    return key, query
+
+
+def _text_states(batch, images, last_img: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """[N, H]: the final states of every real text token the pointer's queries can see (the
+    image rows' tokens outside the image span, and a shared batch's question rows)."""
+    mask = images.attention_mask.bool().clone()
+    for b, (start, count) in enumerate(images.image_spans.tolist()):
+        mask[b, start:start + count] = False
+    parts = [last_img[mask]]
+    if isinstance(batch, shared_prefix.SharedBatch):
+        parts.append(last[batch.suffix_mask.bool()])
+    return torch.cat(parts)
 
 
 def _hf_model(train_model):
@@ -692,7 +756,9 @@ def _log_progress(cfg: SftConfig, run_dir: Path, step: int, losses: dict[str, fl
     log(f"[{cfg.stage}] step {step}/{cfg.steps} loss {rec['loss']:.3f} (ema {loss_ema:.3f}, "
         f"coord {rec['coord']:.3f}, pointer {rec['pointer']:.3f}, axis {rec['axis']:.3f}, "
         f"joint {rec.get('joint', 0.0):.3f}, "
-        f"dense {rec['dense']:.3f}, query {rec['query']:.3f}) "
+        f"dense {rec['dense']:.3f}, query {rec['query']:.3f}"
+        + (f", tie {rec['tie_key']:.3f}/{rec['tie_query']:.3f}" if cfg.tie_weight > 0 else "")
+        + ") "
         f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
 
 

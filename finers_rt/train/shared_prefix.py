@@ -47,6 +47,7 @@ class SharedBatch:
     pointer_index: torch.Tensor
     answer_pos: torch.Tensor
     query_labels: torch.Tensor | None = None  # [B, fields] (`dense.QueryHead`) or None
+    region_labels: torch.Tensor | None = None  # [B] (`tie.region_label`, -1 = none) or None
 
     @property
     def num_questions(self) -> int:

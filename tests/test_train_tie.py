@@ -1,0 +1,118 @@
+"""The tied joint pointer (finers_rt.train.tie, `train gse --tie-weight`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from finers_rt.errors import InputError  # noqa: E402
+from finers_rt.train import dense, tie  # noqa: E402
+from finers_rt.train.data import StageSizes  # noqa: E402
+
+SIZES = StageSizes(gse_size_wh=(112, 84), lpr_size_wh=(56, 56), scene_size_wh=(640, 360),
+                   region_side=256, crop_min_side=128)
+
+
+def test_region_label_reads_the_description_region():
+    assert tie.region_label("the red star in the top-left of the image") == 0
+    assert tie.region_label("What colour is the dotted star on the right side of the image?") == 5
+    assert tie.region_label("the red star left of the blue circle") == -1
+
+
+def test_cell_regions_split_the_grid_in_thirds_by_cell_centre():
+    regions = tie.cell_regions(3, 6).view(3, 6)
+    assert regions.tolist() == [[0, 0, 1, 1, 2, 2], [3, 3, 4, 4, 5, 5], [6, 6, 7, 7, 8, 8]]
+    # 13 x 23 (a 644x364 GSE): the middle third of the columns is 8..14
+    row = tie.cell_regions(13, 23).view(13, 23)[0]
+    assert row[7] == 0 and row[8] == 1 and row[14] == 1 and row[15] == 2
+
+
+def test_query_targets_mark_the_named_values_and_region():
+    labels = torch.tensor([[2, -1, 1], [-1, -1, -1]])  # colour 2, pattern 1; nothing named
+    out = tie.query_targets(labels, torch.tensor([4, -1]))
+    shapes = len(dense.FIELD_VALUES["shape"])
+    colours = len(dense.FIELD_VALUES["colour"])
+    assert out.shape == (2, tie.TIE_DIMS)
+    assert out[0].nonzero().flatten().tolist() == [2, colours + shapes + 1, tie.NUM_ATTRIBUTES + 4]
+    assert float(out[0].max()) == tie.TIE_SCALE and float(out[1].abs().sum()) == 0.0
+
+
+def test_a_tied_head_scores_the_conjunction_of_the_named_values():
+    """Train only a joint pointer head's key / query by the tie losses on random states that
+    encode the cell labels; the dot product of the query of 'colour A + region R' then puts the
+    most attention on the one cell that has both, ahead of cells with only one of them."""
+    from finers_rt.export.pointer import PointerHead, cell_key_terms
+
+    torch.manual_seed(0)
+    settings = {"coord_token_ids": [1], "coord_values": [0], "cell_px": 28, "num_cells": 9,
+                "joint": True, "shift": False, "cell_keys": True}
+    head = PointerHead(hidden=48, num_kv_heads=2, head_dim=40, vocab_size=4, settings=settings)
+    n_rows, n_cols = 6, 9
+    labels = torch.zeros(n_rows * n_cols, tie.NUM_ATTRIBUTES)
+    labels[torch.arange(n_rows * n_cols), torch.arange(n_rows * n_cols) % 10] = 1.0  # colours
+    states_of = torch.randn(tie.NUM_ATTRIBUTES, 48)  # a state is the sum of its labels' vectors
+    states = (labels @ states_of)[None]
+    spans = torch.tensor([[0, n_rows * n_cols]])
+    grid = torch.tensor([[1, 2 * n_rows, 2 * n_cols]])
+    questions = torch.randn(6, 48)  # per question a state; its targets below
+    q_labels = torch.tensor([[3, -1, -1], [7, -1, -1], [3, -1, -1], [0, -1, -1],
+                             [5, -1, -1], [3, -1, -1]])
+    q_regions = torch.tensor([4, 0, -1, 8, 2, 4])
+    targets = tie.query_targets(q_labels, q_regions)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(300):
+        loss = (tie.key_loss(head, states, spans, grid, labels[None], 2)
+                + tie.query_loss(head, questions, targets))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.3
+    with torch.no_grad():
+        keys = tie.image_keys(head, states[0], n_rows, n_cols)
+        score = keys @ head.query(questions[0])  # colour 3 in the centre region
+    best = int(score.argmax())
+    regions = tie.cell_regions(n_rows, n_cols)
+    assert labels[best, 3] == 1 and int(regions[best]) == 4
+    assert cell_key_terms(head, torch.zeros(1, 2)).shape == (1, 40)
+
+
+def test_sft_with_the_tie_trains_keys_and_queries_and_adds_cell_keys(tmp_path):
+    from finers_rt.export.pointer import has_cell_keys, is_joint
+    from finers_rt.train.data import build_cache
+    from finers_rt.train.sft import SftConfig, train_sft
+
+    from finers_rt.train.model import make_initial_checkpoint
+
+    cache = build_cache(tmp_path / "cache", seed=5, n_scenes=3, sizes=SIZES, lpr_crops=1)
+    # the tie needs a pointer width >= TIE_DIMS: finers-tiny's (64), not the "test" config's (16)
+    init = make_initial_checkpoint(tmp_path / "tiny", "finers-tiny", seed=0)
+    base = dict(stage="gse", cache_dir=str(cache), init=str(init), batch_size=4, lr=3e-3,
+                warmup=1, save_every=2, log_every=1, seed=1, model_class="pointer",
+                joint_pointer=True, tie_weight=1.0)
+    for name, extra in (("plain", {}), ("shared", {"questions_per_image": 2}),
+                        ("blank", {"blank_image": True})):
+        out = tmp_path / name
+        train_sft(SftConfig(out_dir=str(out), steps=2, **base, **extra), log=lambda m: None)
+        assert is_joint(out / "checkpoint") and has_cell_keys(out / "checkpoint")
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        assert all(r["tie_query"] > 0 for r in log)
+        if name == "blank":  # no real image: the question side only
+            assert all(r["tie_key"] == 0 for r in log)
+        else:
+            assert all(r["tie_key"] > 0 for r in log)
+    result = train_sft(SftConfig(out_dir=str(tmp_path / "plain"), steps=3, **base),
+                       log=lambda m: None)
+    assert result["step"] == 3  # resumes
+    with pytest.raises(InputError, match="--joint-pointer"):
+        SftConfig(**{**base, "joint_pointer": False, "out_dir": str(tmp_path / "x")})
+    with pytest.raises(InputError, match="pointer width"):
+        train_sft(SftConfig(**{**base, "init": "test", "out_dir": str(tmp_path / "narrow")}),
+                  log=lambda m: None)
+    with pytest.raises(InputError, match="stage gse"):
+        SftConfig(**{**base, "stage": "lpr", "out_dir": str(tmp_path / "x")})
+    with pytest.raises(InputError, match="tie weight"):
+        SftConfig(**{**base, "tie_weight": -1.0, "out_dir": str(tmp_path / "x")})
