@@ -116,3 +116,40 @@ def test_sft_with_the_tie_trains_keys_and_queries_and_adds_cell_keys(tmp_path):
         SftConfig(**{**base, "stage": "lpr", "out_dir": str(tmp_path / "x")})
     with pytest.raises(InputError, match="tie weight"):
         SftConfig(**{**base, "tie_weight": -1.0, "out_dir": str(tmp_path / "x")})
+
+
+def _agree_worker(rank: int, port: int, out) -> None:
+    import os
+
+    from finers_rt.train.sft import agree_any, agree_min
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        out.put((rank, agree_min(100 + rank, 2), agree_any(rank == 1, 2), agree_any(False, 2)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_agree_on_the_fitted_step_count_and_on_stopping():
+    """Under torchrun each rank fits --time-limit from its own speed and checks its own clock;
+    the ranks must take the same decision or one waits forever in the next collective."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from finers_rt.train.sft import agree_any, agree_min
+
+    assert agree_min(7, 1) == 7 and agree_any(True, 1) and not agree_any(False, 1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_agree_worker, args=(r, port, out)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    assert results == [(0, 100, True, False), (1, 100, True, False)]

@@ -545,8 +545,11 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         batch = to_device(next(batches), cfg.device)
         losses = _train_step(train_model, heads, opt, params, batch, collator, cfg, world, memo)
         step += 1
-        cfg = _fit_steps_to_time(cfg, step, step - done_at_start, t0, marks, log)
-        out_of_time = cfg.time_limit_s > 0 and time.time() - t0 > cfg.time_limit_s
+        cfg = _fit_steps_to_time(cfg, step, step - done_at_start, t0, marks, log, world)
+        # every rank must stop at the same step (a rank that stops early leaves the others
+        # waiting in the next collective forever)
+        out_of_time = cfg.time_limit_s > 0 and agree_any(
+            time.time() - t0 > cfg.time_limit_s, world)
         if out_of_time:
             log(f"[{cfg.stage}] time limit {cfg.time_limit_s:.0f} s reached at step {step}")
         loss_ema = losses["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * losses["loss"]
@@ -567,10 +570,29 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
             "seconds": time.time() - t0}
 
 
+def agree_any(flag: bool, world: int) -> bool:
+    """True on every rank when `flag` is True on any (one all-reduce under DDP)."""
+    if world <= 1:
+        return bool(flag)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def agree_min(value: int, world: int) -> int:
+    """The smallest of the ranks' `value`s, on every rank (the value itself without DDP)."""
+    if world <= 1:
+        return int(value)
+    tensor = torch.tensor([int(value)], dtype=torch.int64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def _fit_steps_to_time(cfg: SftConfig, step: int, done: int, t0: float, marks: dict,
-                       log) -> SftConfig:
+                       log, world: int = 1) -> SftConfig:
     """With a time limit, once the speed is known (steps 10..40 of this process) shorten
-    `steps` so the cosine schedule ends within the limit."""
+    `steps` so the cosine schedule ends within the limit; under DDP every rank takes the
+    smallest of the ranks' fits (their speeds differ a little)."""
     if cfg.time_limit_s <= 0 or done not in (10, 40):
         return cfg
     marks[done] = time.time()
@@ -578,7 +600,7 @@ def _fit_steps_to_time(cfg: SftConfig, step: int, done: int, t0: float, marks: d
         return cfg
     rate = 30 / max(1e-9, marks[40] - marks[10])
     left = cfg.time_limit_s - (marks[40] - t0)
-    fitted = min(cfg.steps, step + int(rate * left * 0.92))
+    fitted = agree_min(min(cfg.steps, step + int(rate * left * 0.92)), world)
     log(f"[{cfg.stage}] {rate:.2f} it/s: the run ends at step {fitted} within the time limit")
     return replace(cfg, steps=fitted)
 
