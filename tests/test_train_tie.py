@@ -153,3 +153,34 @@ def test_ranks_agree_on_the_fitted_step_count_and_on_stopping():
     for proc in procs:
         proc.join(timeout=60)
     assert results == [(0, 100, True, False), (1, 100, True, False)]
+
+
+def test_the_token_loss_does_not_train_the_tied_dims():
+    """With `tied_dims` set (training), the pointer's own attention reads the tied key / query
+    dims detached: a loss on its output moves only the other dims; in eval mode (export, HF
+    generate) nothing changes."""
+    from finers_rt.export.pointer import PointerHead, pointer_axis_probs, pointer_kv
+
+    settings = {"coord_token_ids": [1], "coord_values": [0], "cell_px": 28, "num_cells": 9,
+                "joint": True, "shift": False, "cell_keys": True}
+    torch.manual_seed(0)
+    head = PointerHead(hidden=48, num_kv_heads=2, head_dim=40, vocab_size=4, settings=settings)
+    hidden = torch.randn(1, 6, 48)
+    pos = torch.stack([torch.zeros(1, 6), torch.arange(6.0)[None] % 3, torch.arange(6.0)[None] % 2])
+    mask = torch.zeros(1, 1, 6, 6)
+
+    def grads(training: bool, tied: int):
+        head.zero_grad()
+        head.train(training)
+        head.tied_dims = tied
+        keys, values = pointer_kv(head, hidden, pos.long())
+        probs = pointer_axis_probs(head, hidden, keys, values, mask)
+        (probs[:, 0, :, 0].sum()).backward()
+        return head.key.weight.grad.clone(), head.query.weight.grad.clone(), head.cell_key.grad.clone()
+
+    key, query, cells = grads(True, 32)
+    assert float(key[:32].abs().sum()) == 0 and float(key[32:].abs().sum()) > 0
+    assert float(query[:32].abs().sum()) == 0 and float(query[32:].abs().sum()) > 0
+    assert float(cells[..., :32].abs().sum()) == 0
+    key, query, _ = grads(False, 32)  # eval mode: the tie is a training rule only
+    assert float(key[:32].abs().sum()) > 0 and float(query[:32].abs().sum()) > 0

@@ -116,6 +116,10 @@ class PointerHead(nn.Module):
         # ask for "the top-left of the image" (cell_key[0] = columns, cell_key[1] = rows)
         self.cell_key = (nn.Parameter(torch.zeros(2, self.num_cells, head_dim))
                          if settings.get("cell_keys") else None)
+        # training only (never saved): the first `tied_dims` key / query dims are trained by
+        # their own losses (`train.tie`); in training mode the pointer's attention reads them
+        # without passing its gradient back, so the token CE cannot bend what they mean
+        self.tied_dims = 0
         self.register_buffer("cell_map", cell_weights(settings, vocab_size, self.num_cells),
                              persistent=False)
         self.register_buffer("coord_mask", coordinate_mask(settings, vocab_size), persistent=False)
@@ -129,6 +133,8 @@ def pointer_heads(head: PointerHead, projection: nn.Linear, hidden: torch.Tensor
     (`head.key` or `head.query`); a joint pointer's one projection serves both axes."""
     bsz, seq = hidden.shape[0], hidden.shape[1]
     out = projection(hidden)
+    if head.training and head.tied_dims:
+        out = torch.cat([out[..., :head.tied_dims].detach(), out[..., head.tied_dims:]], dim=-1)
     if head.joint:
         return out[:, :, None, :].expand(bsz, seq, 2, head.head_dim)
     return out.view(bsz, seq, 2, head.head_dim)
@@ -150,7 +156,11 @@ def pointer_kv(head: PointerHead, hidden: torch.Tensor, position_ids: torch.Tens
     keys = pointer_heads(head, head.key, hidden)
     cells = pointer_cells(position_ids)  # [B, S, 2]
     if head.cell_key is not None:
-        keys = keys + cell_key_terms(head, cells)[:, :, None, :]
+        terms = cell_key_terms(head, cells)
+        if head.training and head.tied_dims:
+            terms = torch.cat([terms[..., :head.tied_dims].detach(),
+                               terms[..., head.tied_dims:]], dim=-1)
+        keys = keys + terms[:, :, None, :]
     values = (cells[..., None] == head.slots).to(hidden.dtype)  # [B, S, 2, D]
     pad = head.num_kv_heads - 2
     if pad:

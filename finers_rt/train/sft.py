@@ -470,6 +470,7 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     needs_objects = cfg.dense_weight > 0 or cfg.query_weight > 0 or cfg.tie_weight > 0
     if cfg.tie_weight > 0:
         tie.check_head(getattr(model, "pointer", None))
+        model.pointer.tied_dims = tie.TIE_DIMS  # the token / axis CE train only the other dims
     if needs_objects and rank == 0:
         cache.scene_objects(log)  # built once by rank 0; the other ranks read it after the barrier
     if needs_objects and world > 1:
