@@ -45,7 +45,7 @@ def test_a_tied_head_scores_the_conjunction_of_the_named_values():
     """Train only a joint pointer head's key / query by the tie losses on random states that
     encode the cell labels; the dot product of the query of 'colour A + region R' then puts the
     most attention on the one cell that has both, ahead of cells with only one of them."""
-    from finers_rt.export.pointer import PointerHead, cell_key_terms
+    from finers_rt.export.pointer import PointerHead
 
     torch.manual_seed(0)
     settings = {"coord_token_ids": [1], "coord_values": [0], "cell_px": 28, "num_cells": 9,
@@ -77,7 +77,6 @@ def test_a_tied_head_scores_the_conjunction_of_the_named_values():
     best = int(score.argmax())
     regions = tie.cell_regions(n_rows, n_cols)
     assert labels[best, 3] == 1 and int(regions[best]) == 4
-    assert cell_key_terms(head, torch.zeros(1, 2)).shape == (1, 40)
 
 
 def test_sft_with_the_tie_trains_keys_and_queries_and_adds_cell_keys(tmp_path):

@@ -132,12 +132,18 @@ def pointer_heads(head: PointerHead, projection: nn.Linear, hidden: torch.Tensor
     """hidden [B, S, H] -> the (x, y) pointer keys or queries [B, S, 2, D] of `projection`
     (`head.key` or `head.query`); a joint pointer's one projection serves both axes."""
     bsz, seq = hidden.shape[0], hidden.shape[1]
-    out = projection(hidden)
-    if head.training and head.tied_dims:
-        out = torch.cat([out[..., :head.tied_dims].detach(), out[..., head.tied_dims:]], dim=-1)
+    out = _read_tied(head, projection(hidden))
     if head.joint:
         return out[:, :, None, :].expand(bsz, seq, 2, head.head_dim)
     return out.view(bsz, seq, 2, head.head_dim)
+
+
+def _read_tied(head: PointerHead, t: torch.Tensor) -> torch.Tensor:
+    """`t` [..., D] as the pointer's attention reads it: in training, its first `tied_dims`
+    dims detached (the tie's own losses train them); unchanged otherwise."""
+    if not (head.training and head.tied_dims):
+        return t
+    return torch.cat([t[..., :head.tied_dims].detach(), t[..., head.tied_dims:]], dim=-1)
 
 
 def pointer_cells(position_ids: torch.Tensor) -> torch.Tensor:
@@ -156,11 +162,7 @@ def pointer_kv(head: PointerHead, hidden: torch.Tensor, position_ids: torch.Tens
     keys = pointer_heads(head, head.key, hidden)
     cells = pointer_cells(position_ids)  # [B, S, 2]
     if head.cell_key is not None:
-        terms = cell_key_terms(head, cells)
-        if head.training and head.tied_dims:
-            terms = torch.cat([terms[..., :head.tied_dims].detach(),
-                               terms[..., head.tied_dims:]], dim=-1)
-        keys = keys + terms[:, :, None, :]
+        keys = keys + _read_tied(head, cell_key_terms(head, cells))[:, :, None, :]
     values = (cells[..., None] == head.slots).to(hidden.dtype)  # [B, S, 2, D]
     pad = head.num_kv_heads - 2
     if pad:

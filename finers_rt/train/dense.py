@@ -125,10 +125,10 @@ class DenseHead(torch.nn.Module):
         (`cell_targets` rows, padded) -> `attribute_loss` + 0.5 x
         the column and row CE, mean over the images."""
         losses = []
-        for b, (n_rows, n_cols) in enumerate(batch_grids(image_grid_thw, merge)):
-            start, count = (int(v) for v in image_spans[b])
-            if n_rows * n_cols != count or max(n_rows, n_cols) > MAX_CELLS_PER_AXIS:
-                raise InputError(f"image tokens {count} do not form a {n_rows}x{n_cols} grid")
+        for b, start, count, n_rows, n_cols in image_grids(image_spans, image_grid_thw, merge):
+            if max(n_rows, n_cols) > MAX_CELLS_PER_AXIS:
+                raise InputError(f"a {n_rows}x{n_cols} image-token grid has more than "
+                                 f"{MAX_CELLS_PER_AXIS} cells on a side (the position head's limit)")
             states = hidden[b, start:start + count]
             attr = attribute_loss(self.attributes(states), labels[b, :count])
             pos = self.position(states).view(count, 2, MAX_CELLS_PER_AXIS)
@@ -148,6 +148,17 @@ def batch_labels(object_rows_per_sample: list[list[list[float]]],
     for b, (rows, grid) in enumerate(zip(object_rows_per_sample, grids)):
         out[b, :grid[0] * grid[1]] = torch.from_numpy(cell_targets(rows, grid))
     return out
+
+
+def image_grids(image_spans: torch.Tensor, image_grid_thw: torch.Tensor, merge: int):
+    """Per image b: (b, first image-token position, count, rows, cols) of its merged tokens;
+    InputError when the span's count is not the grid's rows x cols."""
+    for b, (n_rows, n_cols) in enumerate(batch_grids(image_grid_thw, merge)):
+        start, count = (int(v) for v in image_spans[b])
+        if n_rows * n_cols != count:
+            raise InputError(f"image tokens {count} do not form a {n_rows}x{n_cols} grid "
+                             f"(expected {n_rows * n_cols} tokens)")
+        yield b, start, count, n_rows, n_cols
 
 
 def batch_grids(image_grid_thw: torch.Tensor, merge: int) -> list[tuple[int, int]]:

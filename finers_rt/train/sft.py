@@ -631,17 +631,17 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
         point_loss = point() if cfg.pointer_weight > 0 else zero
         axis_loss = _axis_loss(hf_model, batch, collator, cfg) if cfg.axis_weight > 0 else zero
         joint_loss = _joint_loss(hf_model, batch, collator, cfg) if cfg.joint_weight > 0 else zero
+    x1 = (_x1_positions(batch.labels, collator, cfg.stage, batch.answer_pos)
+          if cfg.query_at_x1 or cfg.tie_weight > 0 else None)
     query_loss = zero
     if cfg.query_weight > 0 and batch.query_labels is not None:
         query_loss = heads["query"](last, batch.answer_pos, batch.query_labels)
         if cfg.query_at_x1:  # the state that writes x1 must carry the question too
-            query_loss = 0.5 * (query_loss + heads["query"](
-                last, _x1_positions(batch.labels, collator, cfg.stage, batch.answer_pos),
-                batch.query_labels))
+            query_loss = 0.5 * (query_loss + heads["query"](last, x1, batch.query_labels))
     tie_key = tie_query = zero
     if cfg.tie_weight > 0:
-        tie_key, tie_query = _tie_losses(hf_model.pointer, batch, images, last_img, last,
-                                         collator, cfg)
+        tie_key, tie_query = _tie_losses(hf_model.pointer, batch, images, last_img, last, x1,
+                                         collator)
     dense_loss = zero
     if cfg.dense_weight > 0 and images.cell_labels is not None:
         dense_loss = heads["dense"](last_img, images.image_spans, images.image_grid_thw,
@@ -667,21 +667,21 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
 
 
 def _tie_losses(head, batch, images, last_img: torch.Tensor, last: torch.Tensor,
-                collator: Collator, cfg: SftConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                x1: torch.Tensor, collator: Collator) -> tuple[torch.Tensor, torch.Tensor]:
     """(key loss, query loss) of `tie`: the in-model pointer's key on the image tokens (and
-    text tokens) of `images`, its query at the last prompt position and at x1 of each question.
+    text tokens) of `images` when they carry cell labels (none with --blank-image), its query
+    at the last prompt position and at x1 (`x1` [B]) of each question.
     `images` is the `Batch` holding the image tokens (`batch` itself, or a shared batch's
     prefix); `last_img` / `last` the final normed states of those rows / of the question rows."""
     zero = last.sum() * 0
     key = zero
-    if images.cell_labels is not None and not cfg.blank_image:
+    if images.cell_labels is not None:
         key = tie.key_loss(head, last_img, images.image_spans, images.image_grid_thw,
                            images.cell_labels, collator.vision.merge_size,
                            _text_states(batch, images, last_img, last))
     query = zero
     if batch.query_labels is not None and batch.region_labels is not None:
         rows = torch.arange(last.shape[0], device=last.device)
-        x1 = _x1_positions(batch.labels, collator, cfg.stage, batch.answer_pos)
         states = torch.cat([last[rows, batch.answer_pos], last[rows, x1]])
         targets = tie.query_targets(batch.query_labels, batch.region_labels)
         query = tie.query_loss(head, states, torch.cat([targets, targets]))

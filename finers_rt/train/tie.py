@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from finers_rt.errors import InputError
+from finers_rt.export.pointer import cell_key_terms
 from finers_rt.synth.questions import REGION_PHRASE, REGIONS
 from finers_rt.train import dense
 
@@ -75,8 +76,6 @@ def tied_parameters(head) -> list:
 def image_keys(head, states: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
     """states [rows * cols, H] (final normed, raster order) -> the pointer keys [N, D] the
     model computes for those image tokens (projection + per-cell terms)."""
-    from finers_rt.export.pointer import cell_key_terms
-
     cells = torch.arange(n_rows * n_cols, device=states.device)
     where = torch.stack([cells % n_cols, cells // n_cols], dim=-1).to(torch.float32)
     return head.key(states) + cell_key_terms(head, where)
@@ -89,10 +88,7 @@ def key_loss(head, image_states: torch.Tensor, image_spans: torch.Tensor,
     [0, A) + region BCE (x 9 / 3) on [A, A + 9); plus, when given, the attribute BCE to 0 on
     the text tokens' keys. image_states [I, S, H]; text_states [N, H]."""
     losses = []
-    for b, (n_rows, n_cols) in enumerate(dense.batch_grids(image_grid_thw, merge)):
-        start, count = (int(v) for v in image_spans[b])
-        if n_rows * n_cols != count:
-            raise InputError(f"image tokens {count} do not form a {n_rows}x{n_cols} grid")
+    for b, start, count, n_rows, n_cols in dense.image_grids(image_spans, image_grid_thw, merge):
         keys = image_keys(head, image_states[b, start:start + count], n_rows, n_cols)
         attr = dense.attribute_loss(keys[:, :NUM_ATTRIBUTES], cell_labels[b, :count])
         regions = F.one_hot(cell_regions(n_rows, n_cols, keys.device), NUM_REGIONS)
@@ -101,8 +97,6 @@ def key_loss(head, image_states: torch.Tensor, image_spans: torch.Tensor,
         losses.append(attr + where)
     loss = torch.stack(losses).mean() if losses else image_states.sum() * 0
     if text_states is not None and text_states.shape[0]:
-        from finers_rt.export.pointer import cell_key_terms
-
         zero_cell = torch.zeros(text_states.shape[0], 2, device=text_states.device)
         keys = head.key(text_states) + cell_key_terms(head, zero_cell)
         logits = keys[:, :NUM_ATTRIBUTES]
