@@ -430,6 +430,22 @@ def train_vision_cmd(
     typer.echo(f"vision: step {result['step']}, loss {result['loss']:.3f} -> {result['checkpoint']}")
 
 
+@train_app.command("words")
+def train_words_cmd(
+    init: str = typer.Option(..., "--init", help="HF checkpoint folder (stock or pointer Qwen2.5-VL) to extend."),
+    out: str = typer.Option(..., "--out", help="HF folder to write (the source is never modified)."),
+    words: str = typer.Option(None, "--words", help="Comma-separated words to make single tokens (default: the colour, shape, pattern, region and direction words of the synthetic questions)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
+) -> None:
+    """Whole-word tokens: append BPE merges so each word is one token, grow the embeddings
+    (new rows = mean of the word's fragments); continue with `train gse|lpr --init OUT`."""
+    mod = _train_module("words", "finers-rt train words")
+    chosen = None if words is None else [w for w in (x.strip() for x in words.split(",")) if w]
+    report = mod.add_word_tokens(init, out, chosen, force=force, log=typer.echo)
+    for item in report["other_pieces_changed"]:
+        typer.echo(f"  also changed: {item['piece']!r} {item['before']} -> {item['after']}")
+
+
 @train_app.command("sam")
 def train_sam_cmd(
     cache: str = typer.Option(..., "--cache", help="Training cache folder (finers-rt train cache)."),
