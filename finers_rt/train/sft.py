@@ -28,7 +28,7 @@ import torch
 
 from finers_rt.errors import InputError
 from finers_rt.train import checkpoint as ckpt
-from finers_rt.train import dense, frozen_vision, shared_prefix, tie
+from finers_rt.train import dense, frozen_vision, reading, shared_prefix, tie
 from finers_rt.train.batch import Batch, Collator, PointerHead, to_device, token_losses
 from finers_rt.train.data import (NOT_FOUND_RESPONSE, NOT_FOUND_THINK, SampleCache,
                                   format_gse_answer, format_lpr_answer, gse_prompt, lpr_prompt)
@@ -85,6 +85,9 @@ class SftConfig:
     time_limit_s: float = 0.0
     negative_fraction: float = 0.0
     tie_weight: float = 0.0
+    read_attention: float = 0.0
+    read_attention_layer: int = -1
+    read_attention_head: int = 0
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -101,10 +104,11 @@ class SftConfig:
                              "stage gse only (an LPR crop belongs to one question)")
         if self.lr <= 0 or self.min_lr < 0:
             raise InputError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
-        if self.blank_image and ((self.query_weight <= 0 and self.tie_weight <= 0)
+        if self.blank_image and ((self.query_weight <= 0 and self.tie_weight <= 0
+                                  and self.read_attention <= 0)
                                  or self.dense_weight > 0 or self.questions_per_image > 1):
             raise InputError("--blank-image trains only the question-reading loss: it needs "
-                             "--query-weight > 0 or --tie-weight > 0, and no --dense-weight or "
+                             "--query-weight, --tie-weight or --read-attention > 0, and no --dense-weight or "
                              "--questions-per-image")
         if self.head_lr < 0:
             raise InputError(f"head lr must be >= 0 (0 = the model's lr), got {self.head_lr}")
@@ -127,6 +131,11 @@ class SftConfig:
         if self.tie_weight > 0 and (self.stage != "gse" or not self.joint_pointer):
             raise InputError("--tie-weight ties the joint in-model pointer to the scene's "
                              "per-cell labels: stage gse with --model-class pointer --joint-pointer")
+        if self.read_attention < 0:
+            raise InputError(f"read-attention weight must be >= 0, got {self.read_attention}")
+        if self.read_attention > 0 and (self.stage != "gse" or self.questions_per_image > 1):
+            raise InputError("--read-attention supervises the attention over the whole prompt "
+                             "of one sequence: stage gse without --questions-per-image")
         if self.negative_fraction > 0 and (self.stage != "lpr" or self.blank_image):
             raise InputError("--negative-fraction draws LPR crops without the target: stage lpr "
                              "only, without --blank-image")
@@ -234,9 +243,9 @@ def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
     if cfg.dense_weight > 0 or (cfg.tie_weight > 0 and not cfg.blank_image):
         batch.cell_labels = dense.batch_labels([cache.object_rows(int(i)) for i in picks],
                                                batch.image_grid_thw, collator.vision.merge_size)
-    if cfg.query_weight > 0 or cfg.tie_weight > 0:
+    if cfg.query_weight > 0 or cfg.tie_weight > 0 or cfg.read_attention > 0:
         batch.query_labels = question_labels(cache, [int(i) for i in picks])
-    if cfg.tie_weight > 0:
+    if cfg.tie_weight > 0 or cfg.read_attention > 0:
         batch.region_labels = region_labels(cache, [int(i) for i in picks])
     return batch
 
@@ -632,7 +641,11 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
         axis_loss = _axis_loss(hf_model, batch, collator, cfg) if cfg.axis_weight > 0 else zero
         joint_loss = _joint_loss(hf_model, batch, collator, cfg) if cfg.joint_weight > 0 else zero
     x1 = (_x1_positions(batch.labels, collator, cfg.stage, batch.answer_pos)
-          if cfg.query_at_x1 or cfg.tie_weight > 0 else None)
+          if cfg.query_at_x1 or cfg.tie_weight > 0 or cfg.read_attention > 0 else None)
+    read_loss = zero
+    if cfg.read_attention > 0:  # plain batches only (checked by SftConfig)
+        read_loss = reading.reading_loss(hf_model, out.hidden_states, batch, collator, x1,
+                                         cfg.read_attention_layer, cfg.read_attention_head)
     query_loss = zero
     if cfg.query_weight > 0 and batch.query_labels is not None:
         query_loss = heads["query"](last, batch.answer_pos, batch.query_labels)
@@ -650,7 +663,8 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
             + cfg.axis_weight * axis_loss + cfg.joint_weight * joint_loss
             + cfg.dense_weight * dense_loss
             + cfg.query_weight * query_loss
-            + cfg.tie_weight * (tie_key + tie_query))
+            + cfg.tie_weight * (tie_key + tie_query)
+            + cfg.read_attention * read_loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if world > 1:  # the heads are outside DDP: average their gradients by hand
@@ -663,7 +677,8 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
     return {"loss": loss.item(), "text": text_loss.item(), "coord": coord_loss.item(),
             "pointer": point_loss.item(), "axis": axis_loss.item(), "joint": joint_loss.item(),
             "dense": dense_loss.item(),
-            "query": query_loss.item(), "tie_key": tie_key.item(), "tie_query": tie_query.item()}
+            "query": query_loss.item(), "tie_key": tie_key.item(), "tie_query": tie_query.item(),
+            "read": read_loss.item()}
 
 
 def _tie_losses(head, batch, images, last_img: torch.Tensor, last: torch.Tensor,
@@ -781,6 +796,7 @@ def _log_progress(cfg: SftConfig, run_dir: Path, step: int, losses: dict[str, fl
         f"joint {rec.get('joint', 0.0):.3f}, "
         f"dense {rec['dense']:.3f}, query {rec['query']:.3f}"
         + (f", tie {rec['tie_key']:.3f}/{rec['tie_query']:.3f}" if cfg.tie_weight > 0 else "")
+        + (f", read {rec['read']:.3f}" if cfg.read_attention > 0 else "")
         + ") "
         f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
 

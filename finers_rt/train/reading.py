@@ -1,0 +1,117 @@
+"""Attention supervision of question reading (`train gse|lpr --read-attention W`).
+
+Rounds 8-12 measured that the small LM carries the words of the question to the position
+that writes the answer only slowly: the training-only `QueryHead` CE (chance 2.0) is still
+~1.3 after 330 blank-image steps, with whole-word tokens or without, and a 4x or 12x higher LM
+learning rate is slower, not faster (export/finers-tiny.md, twelfth round). Reading a word
+~100 tokens back through the fixed prompt template is a routing problem: some attention head
+at the reading position has to put its mass on the question's descriptive words.
+
+This loss supervises that routing directly: for one head of one LM layer (default: head 0 of
+the last layer, whose output goes straight into the final state the pointer query and the
+answer tokens are read from), at the last prompt position and at the position that writes
+x1, -log of the attention mass on the tokens of the words that name the target's values
+(colour / shape / pattern words the question uses for it, and the region words of its
+description). The attention logits are recomputed from the layer's input exactly as the
+layer computes them (RMSNorm, q/k projections with bias, multimodal RoPE, causal and padding
+masks), so the loss trains the model's own attention; nothing is added to the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from finers_rt.errors import InputError
+from finers_rt.synth.questions import REGIONS
+from finers_rt.train import dense
+
+
+def named_words(query_labels: torch.Tensor, region_labels: torch.Tensor | None) -> list[list[str]]:
+    """Per sample: the words naming the target's values (`dense.named_target_labels` order)
+    and its region name ('top-left'), as they appear in questions."""
+    out = []
+    for b in range(query_labels.shape[0]):
+        words = []
+        for k, (_name, part) in enumerate(dense.ATTRIBUTE_GROUPS):
+            value = int(query_labels[b, k])
+            if value >= 0:
+                words.append(dense.ATTRIBUTES[part.start + value])
+        if region_labels is not None and int(region_labels[b]) >= 0:
+            words.append(REGIONS[int(region_labels[b])])
+        out.append(words)
+    return out
+
+
+def word_positions(input_ids: torch.Tensor, end: torch.Tensor, words: list[list[str]],
+                   tokenizer) -> torch.Tensor:
+    """[B, S] bool: every position (before `end[b]`, inclusive) where the token sequence of
+    ' word' starts or continues, for the sample's words. Works for any tokenizer (a word in
+    fragments marks all of its fragments)."""
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    cache: dict[str, list[int]] = {}
+    for b, sample_words in enumerate(words):
+        row = input_ids[b, : int(end[b]) + 1].tolist()
+        for word in sample_words:
+            ids = cache.get(word)
+            if ids is None:
+                ids = cache[word] = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            n = len(ids)
+            for start in range(len(row) - n + 1):
+                if row[start:start + n] == ids:
+                    mask[b, start:start + n] = True
+    return mask
+
+
+def attention_logits(hf_model, layer_input: torch.Tensor, batch, layer: int, head: int,
+                     rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[N, S] pre-softmax attention logits of `head` in LM layer `layer` for the query at
+    (`rows[n]`, `positions[n]`), masked (-inf) where that query cannot attend (future keys,
+    padding); recomputed from the layer's input as the layer does it."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_multimodal_rotary_pos_emb
+
+    lm = hf_model.model.language_model
+    block = lm.layers[layer]
+    attn = block.self_attn
+    x = block.input_layernorm(layer_input)
+    bsz, seq, _ = x.shape
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(bsz, seq, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(bsz, seq, -1, hd).transpose(1, 2)
+    position_ids, _ = hf_model.model.get_rope_index(
+        batch.input_ids, batch.image_grid_thw, None, None, batch.attention_mask)
+    cos, sin = lm.rotary_emb(x, position_ids)
+    q, k = apply_multimodal_rotary_pos_emb(q, k, cos, sin, attn.rope_scaling["mrope_section"])
+    kv_head = head // attn.num_key_value_groups
+    qv = q[rows, head, positions]                        # [N, hd]
+    keys = k[rows, kv_head]                               # [N, S, hd]
+    logits = torch.einsum("nd,nsd->ns", qv, keys) / math.sqrt(hd)
+    idx = torch.arange(seq, device=x.device)[None, :]
+    allowed = (idx <= positions[:, None]) & batch.attention_mask[rows].bool()
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def reading_loss(hf_model, hidden_states, batch, collator, x1: torch.Tensor,
+                 layer: int = -1, head: int = 0) -> torch.Tensor:
+    """Mean over (sample, query position) of -log(attention mass on the named words) at the
+    last prompt position and at x1; 0 (with a graph) when no sample names a word."""
+    if batch.query_labels is None:
+        raise InputError("--read-attention needs the questions' named-value labels (GSE cache)")
+    n_layers = len(hf_model.model.language_model.layers)
+    layer = layer % n_layers
+    heads = hf_model.model.language_model.layers[layer].self_attn.config.num_attention_heads
+    if not 0 <= head < heads:
+        raise InputError(f"--read-attention head must be in [0, {heads}), got {head}")
+    words = named_words(batch.query_labels, batch.region_labels)
+    target = word_positions(batch.input_ids, batch.answer_pos, words, collator.tokenizer)
+    has = target.any(dim=1)
+    zero = hidden_states[layer].sum() * 0
+    if not bool(has.any()):
+        return zero
+    rows = torch.nonzero(has).flatten()
+    rows2 = torch.cat([rows, rows])
+    positions = torch.cat([batch.answer_pos[rows], x1[rows]])
+    logits = attention_logits(hf_model, hidden_states[layer], batch, layer, head, rows2, positions)
+    on_words = logits.masked_fill(~target[rows2], float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(on_words, dim=1)).mean()
