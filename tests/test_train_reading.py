@@ -83,6 +83,26 @@ def test_recomputed_logits_are_the_layers_own_attention(model_and_batch):
         model.config.text_config._attn_implementation = "sdpa"
 
 
+def test_head_outputs_sum_to_the_layers_attention_output(model_and_batch):
+    model, _collator, batch = model_and_batch
+    lm = model.model.language_model
+    layer = len(lm.layers) - 1
+    seen = {}
+    hook = lm.layers[layer].self_attn.register_forward_hook(
+        lambda _m, _i, out: seen.setdefault("out", out[0]))
+    try:
+        with torch.no_grad():
+            out = model(**batch.model_inputs(), output_hidden_states=True)
+    finally:
+        hook.remove()
+    rows, pos = torch.arange(2), batch.answer_pos
+    with torch.no_grad():
+        total = sum(reading.attention_logits(model, out.hidden_states[layer], batch, layer, h,
+                                             rows, pos, with_output=True)[1]
+                    for h in range(lm.config.num_attention_heads))
+    torch.testing.assert_close(total, seen["out"][rows, pos], atol=1e-4, rtol=1e-4)
+
+
 def test_the_loss_moves_the_real_attention_onto_the_words(model_and_batch):
     import copy
 
@@ -123,6 +143,7 @@ def test_sft_option_logs_the_loss_and_checks_its_settings(tmp_path):
         train_sft(SftConfig(out_dir=str(out), steps=2, **base, **extra), log=lambda m: None)
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         assert all("read" in r for r in log) and any(r["read"] > 0 for r in log)
+        assert any(r["read_value"] > 0 for r in log)  # the routed head must carry the words
     with pytest.raises(InputError, match="questions-per-image"):
         SftConfig(**{**base, "questions_per_image": 2, "out_dir": str(tmp_path / "x")})
     with pytest.raises(InputError, match="stage gse"):

@@ -642,10 +642,11 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
         joint_loss = _joint_loss(hf_model, batch, collator, cfg) if cfg.joint_weight > 0 else zero
     x1 = (_x1_positions(batch.labels, collator, cfg.stage, batch.answer_pos)
           if cfg.query_at_x1 or cfg.tie_weight > 0 or cfg.read_attention > 0 else None)
-    read_loss = zero
+    read_loss = read_value = zero
     if cfg.read_attention > 0:  # plain batches only (checked by SftConfig)
-        read_loss = reading.reading_loss(hf_model, out.hidden_states, batch, collator, x1,
-                                         cfg.read_attention_layer, cfg.read_attention_head)
+        read_loss, read_value = reading.reading_losses(
+            hf_model, out.hidden_states, batch, collator, x1, heads["query"],
+            cfg.read_attention_layer, cfg.read_attention_head)
     query_loss = zero
     if cfg.query_weight > 0 and batch.query_labels is not None:
         query_loss = heads["query"](last, batch.answer_pos, batch.query_labels)
@@ -664,7 +665,7 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
             + cfg.dense_weight * dense_loss
             + cfg.query_weight * query_loss
             + cfg.tie_weight * (tie_key + tie_query)
-            + cfg.read_attention * read_loss)
+            + cfg.read_attention * (read_loss + read_value))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if world > 1:  # the heads are outside DDP: average their gradients by hand
@@ -678,7 +679,7 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
             "pointer": point_loss.item(), "axis": axis_loss.item(), "joint": joint_loss.item(),
             "dense": dense_loss.item(),
             "query": query_loss.item(), "tie_key": tie_key.item(), "tie_query": tie_query.item(),
-            "read": read_loss.item()}
+            "read": read_loss.item(), "read_value": read_value.item()}
 
 
 def _tie_losses(head, batch, images, last_img: torch.Tensor, last: torch.Tensor,
@@ -796,7 +797,7 @@ def _log_progress(cfg: SftConfig, run_dir: Path, step: int, losses: dict[str, fl
         f"joint {rec.get('joint', 0.0):.3f}, "
         f"dense {rec['dense']:.3f}, query {rec['query']:.3f}"
         + (f", tie {rec['tie_key']:.3f}/{rec['tie_query']:.3f}" if cfg.tie_weight > 0 else "")
-        + (f", read {rec['read']:.3f}" if cfg.read_attention > 0 else "")
+        + (f", read {rec['read']:.3f}/{rec['read_value']:.3f}" if cfg.read_attention > 0 else "")
         + ") "
         f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
 
