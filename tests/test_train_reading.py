@@ -115,8 +115,8 @@ def test_the_loss_moves_the_real_attention_onto_the_words(model_and_batch):
         with torch.no_grad():
             out = model(**batch.model_inputs(), output_hidden_states=True)
             rows = torch.arange(2)
-            logits = reading.attention_logits(model, out.hidden_states[-2], batch,
-                                              len(out.hidden_states) - 2, 0, rows, batch.answer_pos)
+            logits = reading.attention_logits(model, out.hidden_states[0], batch, 0, 0, rows,
+                                              batch.answer_pos)
             return (torch.softmax(logits, -1) * mask).sum(-1)
 
     before = mass()

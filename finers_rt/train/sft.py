@@ -86,7 +86,7 @@ class SftConfig:
     negative_fraction: float = 0.0
     tie_weight: float = 0.0
     read_attention: float = 0.0
-    read_attention_layer: int = -1
+    read_attention_layer: int = 0
     read_attention_head: int = 0
 
     def __post_init__(self) -> None:
@@ -500,12 +500,17 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     # the dense / query heads join the optimizer only when used (runs saved without them resume)
     head_params = (list(pointer.parameters())
                    + (list(cells.parameters()) if cfg.dense_weight > 0 else [])
-                   + (list(query.parameters()) if cfg.query_weight > 0 else []))
+                   + (list(query.parameters())
+                      if cfg.query_weight > 0 or cfg.read_attention > 0 else []))
     model_params = [p for p in model.parameters() if p.requires_grad]
+    fast = set()
     if cfg.tie_weight > 0:  # the tied key / query are read out like the heads: the heads' lr
-        tied = {id(p) for p in tie.tied_parameters(model.pointer)}
-        head_params += [p for p in model_params if id(p) in tied]
-        model_params = [p for p in model_params if id(p) not in tied]
+        fast |= {id(p) for p in tie.tied_parameters(model.pointer)}
+    if cfg.read_attention > 0:  # so are the routed head's value / output projections
+        fast |= {id(p) for p in reading.routed_parameters(model, cfg.read_attention_layer)}
+    if fast:
+        head_params += [p for p in model_params if id(p) in fast]
+        model_params = [p for p in model_params if id(p) not in fast]
     params = model_params + head_params
     groups = param_groups(cfg, model_params, head_params)
     scales = [g["lr_scale"] for g in groups]
