@@ -368,6 +368,7 @@ def _sft_command(stage: str):
         option_think: bool = typer.Option(False, "--option-think", help="Option questions' think text names the answer in words before the letter (experimental, off in the shipped recipe)."),
         negative_fraction: float = typer.Option(0.0, "--negative-fraction", help="LPR only: this fraction of samples are crops without the target (a cache built with --negative-crops), answered 'The object is not found.' so the pipeline moves on to further crops."),
         tie_weight: float = typer.Option(0.0, "--tie-weight", help="GSE with --joint-pointer: weight of the losses that make the in-model pointer's key the image token's attribute + image-region log-odds and its query (last prompt position and x1) the values the question names, so one dot product scores the conjunction (adds learned per-cell key terms; 0 = off)."),
+        tie_coords: int = typer.Option(1, "--tie-coords", help="With --tie-weight: how many of the answer's first coordinates (x1, y1, x2, y2) get the tied query loss, besides the last prompt position (1 = x1 only)."),
         read_attention: float = typer.Option(0.0, "--read-attention", help="GSE, one question per sequence: weight of the losses that put one LM attention head's mass, at the last prompt position and at x1, on the words naming the target's values and make its output carry them (train.reading; the layer's value / output projections train at --head-lr; 0 = off)."),
         read_attention_layer: int = typer.Option(0, "--read-attention-layer", help="LM layer of the supervised head (negative counts from the end; layer 0 reads the token embeddings themselves and was the one that learned to read, export/finers-tiny.md twelfth round)."),
         read_attention_head: int = typer.Option(0, "--read-attention-head", help="Query head supervised by --read-attention."),
@@ -397,7 +398,7 @@ def _sft_command(stage: str):
                             device=device, workers=workers, time_limit_s=time_limit,
                             negative_fraction=negative_fraction, tie_weight=tie_weight,
                             read_attention=read_attention, read_attention_layer=read_attention_layer,
-                            read_attention_head=read_attention_head)
+                            read_attention_head=read_attention_head, tie_coords=tie_coords)
         result = sft.train_sft(cfg, log=typer.echo)
         typer.echo(f"{stage}: step {result['step']}, loss {result['loss']:.3f} -> "
                    f"{result['checkpoint']} ({result['seconds']:.0f} s)")

@@ -346,3 +346,21 @@ def test_x1_position_is_the_one_that_writes_the_first_coordinate(pointer_dirs):
     assert int(col.coord_lookup[first]) >= 0 and col.tokenizer.decode([int(first)]).strip() == "14"
     assert int(col.coord_lookup[batch.labels[0, int(x1[0])]]) < 0  # nothing before it is one
     assert int(x1[1]) == int(batch.answer_pos[1])  # no coordinate: the fallback
+
+
+def test_coordinate_slots_are_x1_y1_x2_y2_in_order(pointer_dirs):
+    from finers_rt.export.checkpoints import load_processor
+    from finers_rt.train.batch import Collator
+    from finers_rt.train.sft import _coordinate_slots, _x1_positions
+
+    _, ptr = pointer_dirs
+    col = Collator(load_processor(ptr))
+    image = _image(5)
+    batch = col([image, image], [QUESTION, QUESTION],
+                ["<think>x</think><answer>{'bbox': [14,28,42,56]}</answer>", "no numbers here"])
+    slots = _coordinate_slots(batch.labels, col, "gse", batch.answer_pos, 4)
+    assert slots.shape == (2, 4)
+    assert int(slots[0, 0]) == int(_x1_positions(batch.labels, col, "gse", batch.answer_pos)[0])
+    written = [col.tokenizer.decode([int(batch.labels[0, int(p) + 1])]).strip() for p in slots[0]]
+    assert written == ["14", "28", "42", "56"]
+    assert slots[1].tolist() == [int(batch.answer_pos[1])] * 4  # no coordinates: the fallback

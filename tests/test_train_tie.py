@@ -93,7 +93,8 @@ def test_sft_with_the_tie_trains_keys_and_queries_and_adds_cell_keys(tmp_path):
                 warmup=1, save_every=2, log_every=1, seed=1, model_class="pointer",
                 joint_pointer=True, tie_weight=1.0)
     for name, extra in (("plain", {}), ("shared", {"questions_per_image": 2}),
-                        ("blank", {"blank_image": True})):
+                        ("blank", {"blank_image": True}),
+                        ("all_coords", {"questions_per_image": 2, "tie_coords": 4})):
         out = tmp_path / name
         train_sft(SftConfig(out_dir=str(out), steps=2, **base, **extra), log=lambda m: None)
         assert is_joint(out / "checkpoint") and has_cell_keys(out / "checkpoint")
@@ -113,6 +114,8 @@ def test_sft_with_the_tie_trains_keys_and_queries_and_adds_cell_keys(tmp_path):
                   log=lambda m: None)
     with pytest.raises(InputError, match="stage gse"):
         SftConfig(**{**base, "stage": "lpr", "out_dir": str(tmp_path / "x")})
+    with pytest.raises(InputError, match="tie-coords"):
+        SftConfig(**{**base, "tie_coords": 5, "out_dir": str(tmp_path / "x")})
     with pytest.raises(InputError, match="tie weight"):
         SftConfig(**{**base, "tie_weight": -1.0, "out_dir": str(tmp_path / "x")})
 

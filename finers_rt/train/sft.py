@@ -88,6 +88,7 @@ class SftConfig:
     read_attention: float = 0.0
     read_attention_layer: int = 0
     read_attention_head: int = 0
+    tie_coords: int = 1
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -131,6 +132,9 @@ class SftConfig:
         if self.tie_weight > 0 and (self.stage != "gse" or not self.joint_pointer):
             raise InputError("--tie-weight ties the joint in-model pointer to the scene's "
                              "per-cell labels: stage gse with --model-class pointer --joint-pointer")
+        if not 1 <= self.tie_coords <= COORDS_PER_ANSWER["gse"]:
+            raise InputError(f"--tie-coords must be in [1, {COORDS_PER_ANSWER['gse']}], "
+                             f"got {self.tie_coords}")
         if self.read_attention < 0:
             raise InputError(f"read-attention weight must be >= 0, got {self.read_attention}")
         if self.read_attention > 0 and (self.stage != "gse" or self.questions_per_image > 1):
@@ -659,7 +663,10 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
             query_loss = 0.5 * (query_loss + heads["query"](last, x1, batch.query_labels))
     tie_key = tie_query = zero
     if cfg.tie_weight > 0:
-        tie_key, tie_query = _tie_losses(hf_model.pointer, batch, images, last_img, last, x1,
+        coords = (x1[:, None] if cfg.tie_coords == 1 else
+                  _coordinate_slots(batch.labels, collator, cfg.stage, batch.answer_pos,
+                                    cfg.tie_coords))
+        tie_key, tie_query = _tie_losses(hf_model.pointer, batch, images, last_img, last, coords,
                                          collator)
     dense_loss = zero
     if cfg.dense_weight > 0 and images.cell_labels is not None:
@@ -688,10 +695,11 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
 
 
 def _tie_losses(head, batch, images, last_img: torch.Tensor, last: torch.Tensor,
-                x1: torch.Tensor, collator: Collator) -> tuple[torch.Tensor, torch.Tensor]:
+                coords: torch.Tensor, collator: Collator) -> tuple[torch.Tensor, torch.Tensor]:
     """(key loss, query loss) of `tie`: the in-model pointer's key on the image tokens (and
     text tokens) of `images` when they carry cell labels (none with --blank-image), its query
-    at the last prompt position and at x1 (`x1` [B]) of each question.
+    at the last prompt position and at the positions that write the answer's first
+    coordinates (`coords` [B, K]: x1 only for K = 1, `--tie-coords`) of each question.
     `images` is the `Batch` holding the image tokens (`batch` itself, or a shared batch's
     prefix); `last_img` / `last` the final normed states of those rows / of the question rows."""
     zero = last.sum() * 0
@@ -703,9 +711,10 @@ def _tie_losses(head, batch, images, last_img: torch.Tensor, last: torch.Tensor,
     query = zero
     if batch.query_labels is not None and batch.region_labels is not None:
         rows = torch.arange(last.shape[0], device=last.device)
-        states = torch.cat([last[rows, batch.answer_pos], last[rows, x1]])
+        states = torch.cat([last[rows, batch.answer_pos]]
+                           + [last[rows, coords[:, k]] for k in range(coords.shape[1])])
         targets = tie.query_targets(batch.query_labels, batch.region_labels)
-        query = tie.query_loss(head, states, torch.cat([targets, targets]))
+        query = tie.query_loss(head, states, targets.repeat(coords.shape[1] + 1, 1))
     return key, query
 
 
@@ -744,6 +753,19 @@ def _x1_positions(labels: torch.Tensor, collator: Collator, stage: str,
     is_coord = _coordinate_positions(labels, collator, stage)
     first = torch.argmax(is_coord.long(), dim=1)  # first True (0 when none)
     return torch.where(is_coord.any(dim=1), first, fallback)
+
+
+def _coordinate_slots(labels: torch.Tensor, collator: Collator, stage: str,
+                      fallback: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, count]: per sample the positions whose next target token is the answer's k-th
+    coordinate (k < count: x1, y1, x2, y2); `fallback` for samples without it."""
+    is_coord = _coordinate_positions(labels, collator, stage)
+    order = torch.cumsum(is_coord.long(), dim=1) - 1
+    out = []
+    for k in range(count):
+        at = is_coord & (order == k)
+        out.append(torch.where(at.any(dim=1), torch.argmax(at.long(), dim=1), fallback))
+    return torch.stack(out, dim=1)
 
 
 def _joint_loss(model, batch, collator: Collator, cfg: SftConfig) -> torch.Tensor:
