@@ -7,11 +7,15 @@ before it can carry the word to the position that writes the first coordinate. R
 Qwen2.5-VL has a 151k vocabulary in which these are single tokens.
 
 `add_word_tokens` appends BPE merges (lowest priority, after all existing ones) that join the
-fragments of each given word into one token, appends the new tokens to the vocabulary (ids after
-every existing id, so coordinate and special token ids do not move), grows the embedding and
-LM-head matrices, and initialises each new row as the mean of its fragments' rows. The result
-is an ordinary HF folder: the tokenizer is still a plain BPE (tokenizer.json, vocab.json,
-merges.txt agree), and export and runtime take it as they take any checkpoint.
+fragments of each given word into one token and gives the new tokens the BPE ids right after
+the old ones. The added tokens (Qwen specials, coordinate tokens) move up by the number of new
+tokens, as in a tokenizer trained with the larger vocabulary: the `tokenizers` library numbers
+added tokens after the BPE vocabulary whatever ids the file gives them. Every id that names
+them moves with them: the config's `*_token_id(s)` (including the pointer's coordinate ids),
+the generation config, tokenizer_config.json and added_tokens.json. The embedding and LM-head
+rows are permuted to match, and each new row starts as the mean of its fragments' rows. The
+result is an ordinary HF folder: the tokenizer is still a plain BPE (tokenizer.json,
+vocab.json, merges.txt agree), and export and runtime take it as they take any checkpoint.
 
 Appended merges can also join the same fragments inside other words (a chain that builds
 ' dotted' from ' d' + 'ot' + ... creates ' d' + 'ot' for every word starting that way); the
