@@ -331,36 +331,25 @@ def test_joint_pointer_training_seeds_from_the_runs_pointer_head(tmp_path):
         SftConfig(stage="gse", cache_dir=str(cache), out_dir=str(tmp_path / "x"), query_at_x1=True)
 
 
-def test_x1_position_is_the_one_that_writes_the_first_coordinate(pointer_dirs):
+def test_coordinate_slots_are_the_positions_that_write_x1_y1_x2_y2(pointer_dirs):
     from finers_rt.export.checkpoints import load_processor
     from finers_rt.train.batch import Collator
-    from finers_rt.train.sft import _x1_positions
+    from finers_rt.train.sft import _coordinate_slots
 
     _, ptr = pointer_dirs
     col = Collator(load_processor(ptr))
     image = _image(4)
     batch = col([image, image], [QUESTION, QUESTION],
                 ["<think>x</think><answer>{'bbox': [14,28,42,56]}</answer>", "no numbers here"])
-    x1 = _x1_positions(batch.labels, col, "gse", batch.answer_pos)
-    first = batch.labels[0, int(x1[0]) + 1]
-    assert int(col.coord_lookup[first]) >= 0 and col.tokenizer.decode([int(first)]).strip() == "14"
-    assert int(col.coord_lookup[batch.labels[0, int(x1[0])]]) < 0  # nothing before it is one
-    assert int(x1[1]) == int(batch.answer_pos[1])  # no coordinate: the fallback
-
-
-def test_coordinate_slots_are_x1_y1_x2_y2_in_order(pointer_dirs):
-    from finers_rt.export.checkpoints import load_processor
-    from finers_rt.train.batch import Collator
-    from finers_rt.train.sft import _coordinate_slots, _x1_positions
-
-    _, ptr = pointer_dirs
-    col = Collator(load_processor(ptr))
-    image = _image(5)
-    batch = col([image, image], [QUESTION, QUESTION],
-                ["<think>x</think><answer>{'bbox': [14,28,42,56]}</answer>", "no numbers here"])
     slots = _coordinate_slots(batch.labels, col, "gse", batch.answer_pos, 4)
     assert slots.shape == (2, 4)
-    assert int(slots[0, 0]) == int(_x1_positions(batch.labels, col, "gse", batch.answer_pos)[0])
+    x1 = int(slots[0, 0])
+    first = batch.labels[0, x1 + 1]
+    assert int(col.coord_lookup[first]) >= 0 and col.tokenizer.decode([int(first)]).strip() == "14"
+    assert int(col.coord_lookup[batch.labels[0, x1]]) < 0  # nothing before it is one
     written = [col.tokenizer.decode([int(batch.labels[0, int(p) + 1])]).strip() for p in slots[0]]
     assert written == ["14", "28", "42", "56"]
-    assert slots[1].tolist() == [int(batch.answer_pos[1])] * 4  # no coordinates: the fallback
+    assert slots[1].tolist() == [int(batch.answer_pos[1])] * 4  # no coordinate: the fallback
+    # x1 alone is the first column
+    assert _coordinate_slots(batch.labels, col, "gse", batch.answer_pos, 1)[:, 0].tolist() == \
+        slots[:, 0].tolist()

@@ -63,24 +63,28 @@ def test_named_words_and_their_positions(model_and_batch):
 
 def test_recomputed_logits_are_the_layers_own_attention(model_and_batch):
     model, _collator, batch = model_and_batch
-    model.config._attn_implementation = "eager"
-    for sub in (model.config.text_config, getattr(model.config, "vision_config", None)):
-        if sub is not None:
-            sub._attn_implementation = "eager"
+    configs = [c for c in (model.config, model.config.text_config,
+                           getattr(model.config, "vision_config", None)) if c is not None]
+    before = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = "eager"
     try:
         with torch.no_grad():
             out = model(**batch.model_inputs(), output_hidden_states=True, output_attentions=True)
-            rows = torch.tensor([0, 1, 1])
-            pos = torch.stack([batch.answer_pos[0], batch.answer_pos[1], batch.answer_pos[1] - 3])
+            ap = batch.answer_pos
             n_layers = len(out.attentions)
-            for layer, head in ((n_layers - 1, 0), (0, 1)):
-                logits = reading.attention_logits(model, out.hidden_states[layer], batch, layer,
-                                                  head, rows, pos)
-                want = out.attentions[layer][rows, head, pos]
-                torch.testing.assert_close(torch.softmax(logits, -1), want, atol=1e-5, rtol=1e-4)
+            # both samples with two query positions each, and the shorter (padded) one alone
+            for rows, pos in ((torch.tensor([0, 1]), torch.stack([ap[[0, 0]], ap[[1, 1]] - 3])),
+                              (torch.tensor([1]), ap[[1]][:, None])):
+                for layer, head in ((n_layers - 1, 0), (0, 1)):
+                    logits = reading.attention_logits(model, out.hidden_states[layer], batch,
+                                                      layer, head, rows, pos)
+                    want = out.attentions[layer][rows[:, None], head, pos]
+                    torch.testing.assert_close(torch.softmax(logits, -1), want, atol=1e-5,
+                                               rtol=1e-4)
     finally:
-        model.config._attn_implementation = "sdpa"
-        model.config.text_config._attn_implementation = "sdpa"
+        for c, impl in zip(configs, before):
+            c._attn_implementation = impl
 
 
 def test_head_outputs_sum_to_the_layers_attention_output(model_and_batch):
@@ -98,7 +102,7 @@ def test_head_outputs_sum_to_the_layers_attention_output(model_and_batch):
     rows, pos = torch.arange(2), batch.answer_pos
     with torch.no_grad():
         total = sum(reading.attention_logits(model, out.hidden_states[layer], batch, layer, h,
-                                             rows, pos, with_output=True)[1]
+                                             rows, pos[:, None], with_output=True)[1][:, 0]
                     for h in range(lm.config.num_attention_heads))
     torch.testing.assert_close(total, seen["out"][rows, pos], atol=1e-4, rtol=1e-4)
 
@@ -116,14 +120,15 @@ def test_the_loss_moves_the_real_attention_onto_the_words(model_and_batch):
             out = model(**batch.model_inputs(), output_hidden_states=True)
             rows = torch.arange(2)
             logits = reading.attention_logits(model, out.hidden_states[0], batch, 0, 0, rows,
-                                              batch.answer_pos)
+                                              batch.answer_pos[:, None])[:, 0]
             return (torch.softmax(logits, -1) * mask).sum(-1)
 
     before = mass()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(30):
         out = model(**batch.model_inputs(), output_hidden_states=True)
-        loss = reading.reading_loss(model, out.hidden_states, batch, collator, batch.answer_pos)
+        loss = reading.reading_losses(model, out.hidden_states, batch, collator,
+                                      batch.answer_pos)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -263,8 +263,12 @@ class QueryHead(torch.nn.Module):
                 labels: torch.Tensor) -> torch.Tensor:
         """hidden [B, S, H] (last layer), answer_pos [B], labels [B, fields] (-1 = not named)
         -> mean CE over the named (question, field) pairs (0 when none)."""
-        logits = self.attributes(hidden[torch.arange(hidden.shape[0], device=hidden.device),
-                                        answer_pos])  # [B, A]
+        return self.states_loss(
+            hidden[torch.arange(hidden.shape[0], device=hidden.device), answer_pos], labels)
+
+    def states_loss(self, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """states [B, H] (one per question), labels [B, fields] -> the same mean CE."""
+        logits = self.attributes(states)  # [B, A]
         losses = []
         for k, (_name, part) in enumerate(ATTRIBUTE_GROUPS):
             named = labels[:, k] >= 0

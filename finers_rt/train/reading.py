@@ -1,4 +1,4 @@
-"""Attention supervision of question reading (`train gse|lpr --read-attention W`).
+"""Attention supervision of question reading (`train gse --read-attention W`).
 
 Rounds 8-12 measured that the small LM carries the words of the question to the position
 that writes the answer only slowly: the training-only `QueryHead` CE (chance 2.0) is still
@@ -77,36 +77,40 @@ def word_positions(input_ids: torch.Tensor, end: torch.Tensor, words: list[list[
 def attention_logits(hf_model, layer_input: torch.Tensor, batch, layer: int, head: int,
                      rows: torch.Tensor, positions: torch.Tensor,
                      with_output: bool = False):
-    """[N, S] pre-softmax attention logits of `head` in LM layer `layer` for the query at
-    (`rows[n]`, `positions[n]`), masked (-inf) where that query cannot attend (future keys,
-    padding); recomputed from the layer's input as the layer does it. With `with_output`,
-    also the head's contribution to the residual stream at those positions ([N, H]: its
-    attention-weighted values through its slice of the output projection)."""
+    """[R, P, S] pre-softmax attention logits of `head` in LM layer `layer` for the queries of
+    sample `rows[r]` at `positions[r, p]` ([R, P]), masked (-inf) where that query cannot
+    attend (future keys, padding); recomputed from the layer's input as the layer does it,
+    for those rows and query positions only. With `with_output`, also the head's contribution
+    to the residual stream there ([R, P, H]: its attention-weighted values through its slice
+    of the output projection)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_multimodal_rotary_pos_emb
 
     lm = hf_model.model.language_model
     block = lm.layers[layer]
     attn = block.self_attn
-    x = block.input_layernorm(layer_input)
-    bsz, seq, _ = x.shape
+    section = attn.rope_scaling["mrope_section"]
+    x = block.input_layernorm(layer_input[rows])                         # [R, S, H]
+    n_rows, seq, _ = x.shape
     hd = attn.head_dim
-    q = attn.q_proj(x).view(bsz, seq, -1, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(bsz, seq, -1, hd).transpose(1, 2)
-    position_ids, _ = hf_model.model.get_rope_index(
-        batch.input_ids, batch.image_grid_thw, None, None, batch.attention_mask)
-    cos, sin = lm.rotary_emb(x, position_ids)
-    q, k = apply_multimodal_rotary_pos_emb(q, k, cos, sin, attn.rope_scaling["mrope_section"])
     kv_head = head // attn.num_key_value_groups
-    qv = q[rows, head, positions]                        # [N, hd]
-    keys = k[rows, kv_head]                               # [N, S, hd]
-    logits = torch.einsum("nd,nsd->ns", qv, keys) / math.sqrt(hd)
-    idx = torch.arange(seq, device=x.device)[None, :]
-    allowed = (idx <= positions[:, None]) & batch.attention_mask[rows].bool()
+    position_ids, _ = hf_model.model.get_rope_index(
+        batch.input_ids[rows], batch.image_grid_thw[rows], None, None, batch.attention_mask[rows])
+    cos, sin = lm.rotary_emb(x, position_ids)                            # [3, R, S, hd]
+    k = attn.k_proj(x).view(n_rows, seq, -1, hd)[:, :, kv_head][:, None]  # [R, 1, S, hd]
+    k, _ = apply_multimodal_rotary_pos_emb(k, k, cos, sin, section)
+    at = torch.arange(n_rows, device=x.device)[:, None]
+    q = attn.q_proj(x[at, positions]).view(n_rows, -1, attn.config.num_attention_heads, hd)
+    q = q[:, :, head][:, None]                                           # [R, 1, P, hd]
+    q, _ = apply_multimodal_rotary_pos_emb(q, q, cos[:, at, positions], sin[:, at, positions],
+                                           section)
+    logits = torch.einsum("rpd,rsd->rps", q[:, 0], k[:, 0]) / math.sqrt(hd)
+    idx = torch.arange(seq, device=x.device)
+    allowed = (idx <= positions[..., None]) & batch.attention_mask[rows].bool()[:, None, :]
     logits = logits.masked_fill(~allowed, float("-inf"))
     if not with_output:
         return logits
-    values = attn.v_proj(x).view(bsz, seq, -1, hd)[rows, :, kv_head]   # [N, S, hd]
-    mixed = torch.einsum("ns,nsd->nd", torch.softmax(logits, dim=-1), values)
+    values = attn.v_proj(x).view(n_rows, seq, -1, hd)[:, :, kv_head]     # [R, S, hd]
+    mixed = torch.einsum("rps,rsd->rpd", torch.softmax(logits, dim=-1), values)
     return logits, mixed @ attn.o_proj.weight[:, head * hd:(head + 1) * hd].T
 
 
@@ -143,20 +147,13 @@ def reading_losses(hf_model, hidden_states, batch, collator, x1: torch.Tensor,
     if not bool(has.any()):
         return zero, zero
     rows = torch.nonzero(has).flatten()
-    rows2 = torch.cat([rows, rows])
-    positions = torch.cat([batch.answer_pos[rows], x1[rows]])
-    logits, output = attention_logits(hf_model, hidden_states[layer], batch, layer, head, rows2,
+    positions = torch.stack([batch.answer_pos[rows], x1[rows]], dim=1)    # [R, 2]
+    logits, output = attention_logits(hf_model, hidden_states[layer], batch, layer, head, rows,
                                       positions, with_output=True)
-    on_words = logits.masked_fill(~target[rows2], float("-inf"))
-    attention = (torch.logsumexp(logits, dim=1) - torch.logsumexp(on_words, dim=1)).mean()
+    on_words = logits.masked_fill(~target[rows][:, None, :], float("-inf"))
+    attention = (torch.logsumexp(logits, dim=-1) - torch.logsumexp(on_words, dim=-1)).mean()
     value = zero
     if query_head is not None:
-        normed = lm.norm(output)[:, None, :]                        # [N, 1, H]
-        value = query_head(normed, torch.zeros_like(rows2), batch.query_labels[rows2])
+        normed = lm.norm(output.reshape(-1, output.shape[-1]))            # [R * 2, H]
+        value = query_head.states_loss(normed, batch.query_labels[rows].repeat_interleave(2, 0))
     return attention, value
-
-
-def reading_loss(hf_model, hidden_states, batch, collator, x1: torch.Tensor,
-                 layer: int = 0, head: int = 0) -> torch.Tensor:
-    """The attention loss of `reading_losses` alone."""
-    return reading_losses(hf_model, hidden_states, batch, collator, x1, None, layer, head)[0]

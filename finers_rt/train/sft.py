@@ -480,7 +480,8 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
     pointer = PointerHead(text.hidden_size, dim=text.hidden_size // text.num_attention_heads)
     cells = dense.DenseHead(model.config.text_config.hidden_size)
     query = dense.QueryHead(model.config.text_config.hidden_size)
-    needs_objects = cfg.dense_weight > 0 or cfg.query_weight > 0 or cfg.tie_weight > 0
+    needs_objects = (cfg.dense_weight > 0 or cfg.query_weight > 0 or cfg.tie_weight > 0
+                     or cfg.read_attention > 0)
     if cfg.tie_weight > 0:
         tie.check_head(getattr(model, "pointer", None))
         model.pointer.tied_dims = tie.TIE_DIMS  # the token / axis CE train only the other dims
@@ -649,8 +650,11 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
         point_loss = point() if cfg.pointer_weight > 0 else zero
         axis_loss = _axis_loss(hf_model, batch, collator, cfg) if cfg.axis_weight > 0 else zero
         joint_loss = _joint_loss(hf_model, batch, collator, cfg) if cfg.joint_weight > 0 else zero
-    x1 = (_x1_positions(batch.labels, collator, cfg.stage, batch.answer_pos)
-          if cfg.query_at_x1 or cfg.tie_weight > 0 or cfg.read_attention > 0 else None)
+    slots = x1 = None  # the positions that write the answer's first coordinates; x1 first
+    if cfg.query_at_x1 or cfg.tie_weight > 0 or cfg.read_attention > 0:
+        slots = _coordinate_slots(batch.labels, collator, cfg.stage, batch.answer_pos,
+                                  cfg.tie_coords if cfg.tie_weight > 0 else 1)
+        x1 = slots[:, 0]
     read_loss = read_value = zero
     if cfg.read_attention > 0:  # plain batches only (checked by SftConfig)
         read_loss, read_value = reading.reading_losses(
@@ -663,10 +667,7 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
             query_loss = 0.5 * (query_loss + heads["query"](last, x1, batch.query_labels))
     tie_key = tie_query = zero
     if cfg.tie_weight > 0:
-        coords = (x1[:, None] if cfg.tie_coords == 1 else
-                  _coordinate_slots(batch.labels, collator, cfg.stage, batch.answer_pos,
-                                    cfg.tie_coords))
-        tie_key, tie_query = _tie_losses(hf_model.pointer, batch, images, last_img, last, coords,
+        tie_key, tie_query = _tie_losses(hf_model.pointer, batch, images, last_img, last, slots,
                                          collator)
     dense_loss = zero
     if cfg.dense_weight > 0 and images.cell_labels is not None:
@@ -746,19 +747,11 @@ def _coordinate_positions(labels: torch.Tensor, collator: Collator, stage: str) 
     return mask & (order < COORDS_PER_ANSWER[stage])
 
 
-def _x1_positions(labels: torch.Tensor, collator: Collator, stage: str,
-                  fallback: torch.Tensor) -> torch.Tensor:
-    """[B]: per sample the position whose next target token is the answer's first coordinate
-    (x1); `fallback` (e.g. the last prompt position) for samples without one."""
-    is_coord = _coordinate_positions(labels, collator, stage)
-    first = torch.argmax(is_coord.long(), dim=1)  # first True (0 when none)
-    return torch.where(is_coord.any(dim=1), first, fallback)
-
-
 def _coordinate_slots(labels: torch.Tensor, collator: Collator, stage: str,
                       fallback: torch.Tensor, count: int) -> torch.Tensor:
     """[B, count]: per sample the positions whose next target token is the answer's k-th
-    coordinate (k < count: x1, y1, x2, y2); `fallback` for samples without it."""
+    coordinate (k < count: x1, y1, x2, y2; column 0 is the one that writes x1); `fallback`
+    (e.g. the last prompt position) for samples without it."""
     is_coord = _coordinate_positions(labels, collator, stage)
     order = torch.cumsum(is_coord.long(), dim=1) - 1
     out = []
