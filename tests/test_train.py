@@ -618,3 +618,25 @@ def test_query_labels_name_the_target_values_the_question_says():
     assert dense.target_row(rows, (0.5 * 640, 0.5 * 360, 0.6 * 640 - 1, 0.6 * 360 - 1),
                             (640, 360)) == 1
     assert dense.target_row(rows, (64, 36, 127, 71), (640, 360)) == 0
+
+
+def test_lpr_eval_says_whether_the_box_centre_is_on_the_target_or_another_object(tiny_cache):
+    from finers_rt.train import dense
+    from finers_rt.train.data import SampleCache
+    from finers_rt.train.evaluate import _centre_objects
+
+    cache = SampleCache(tiny_cache)
+    i = next(k for k in range(len(cache)) if cache.entries[k]["lpr"][0]["box_stage"] is not None)
+    entry = cache.entries[i]
+    assert _centre_objects(cache, i, entry["lpr"][0]["box_stage"]) == {
+        "centre_on_target": 1.0, "centre_on_other": 0.0}
+    assert _centre_objects(cache, i, None) == {"centre_on_target": 0.0, "centre_on_other": 0.0}
+    (sw, sh), (lw, lh) = cache.sizes.scene_size_wh, cache.sizes.lpr_size_wh
+    c1, r1, c2, r2 = entry["lpr"][0]["crop_original"]
+    rows = cache.object_rows(i)
+    target = dense.target_row(rows, entry["gse"]["gt_box_original"], (sw, sh))
+    other = next(j for j in range(len(rows)) if j != target)
+    x = ((rows[other][0] + rows[other][2]) / 2 * sw - c1) * lw / (c2 - c1)  # its centre, stage frame
+    y = ((rows[other][1] + rows[other][3]) / 2 * sh - r1) * lh / (r2 - r1)
+    assert _centre_objects(cache, i, [x - 1, y - 1, x + 1, y + 1]) == {
+        "centre_on_target": 0.0, "centre_on_other": 1.0}

@@ -19,6 +19,7 @@ import torch
 
 from finers_rt import geometry
 from finers_rt.parsing import parse_output, says_not_found
+from finers_rt.train import dense
 from finers_rt.train.batch import Collator
 from finers_rt.train.data import SampleCache, gse_prompt, lpr_prompt
 from finers_rt.train.rewards import gse_reward, lpr_reward, size_reward
@@ -97,10 +98,36 @@ def _eval_lpr(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
     out = {"iou_gt_0.5": float(reward["box_iou"] > 0.5), "mean_iou": reward["box_iou"],
            "points_on_object": reward["points"], "valid": reward["json"],
            "format": reward["format"], "answer": reward["answer"], "reward": reward["total"]}
+    out.update(_centre_objects(cache, i, parse_output(text).bbox_xyxy))
     if cache.negative_images is not None:  # nan where this entry has no negative crop
         out["found_on_target"] = float(not says_not_found(parse_output(text).response))
         out["not_found_on_negative"] = float("nan")
         if cache.negative_count(i):
             neg_text = generate_texts(model, collator, cache.negative(i, 0)[0], lpr_prompt(record))[0][0]
             out["not_found_on_negative"] = float(says_not_found(parse_output(neg_text).response))
+    return out
+
+
+def _centre_objects(cache: SampleCache, i: int, bbox) -> dict[str, float]:
+    """Where the centre of LPR box `bbox` (stage frame of entry `i`'s first crop, or None)
+    lands: on the target's box (`centre_on_target`), else on another object's box of the
+    scene (`centre_on_other`: a look-alike or a neighbour picked instead). Both 0 without a
+    box or on the background."""
+    out = {"centre_on_target": 0.0, "centre_on_other": 0.0}
+    if bbox is None:
+        return out
+    entry = cache.entries[i]
+    scene_w, scene_h = cache.sizes.scene_size_wh
+    stage_w, stage_h = cache.sizes.lpr_size_wh
+    c1, r1, c2, r2 = entry["lpr"][0]["crop_original"]
+    x = c1 + (bbox[0] + bbox[2]) / 2 * (c2 - c1) / stage_w  # original pixels
+    y = r1 + (bbox[1] + bbox[3]) / 2 * (r2 - r1) / stage_h
+    rows = cache.object_rows(i)
+    target = dense.target_row(rows, entry["gse"]["gt_box_original"], (scene_w, scene_h))
+    hits = [j for j, row in enumerate(rows)
+            if row[0] * scene_w <= x < row[2] * scene_w and row[1] * scene_h <= y < row[3] * scene_h]
+    if target in hits:
+        out["centre_on_target"] = 1.0
+    elif hits:
+        out["centre_on_other"] = 1.0
     return out

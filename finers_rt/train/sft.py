@@ -137,9 +137,9 @@ class SftConfig:
                              f"got {self.tie_coords}")
         if self.read_attention < 0:
             raise InputError(f"read-attention weight must be >= 0, got {self.read_attention}")
-        if self.read_attention > 0 and (self.stage != "gse" or self.questions_per_image > 1):
+        if self.read_attention > 0 and self.questions_per_image > 1:
             raise InputError("--read-attention supervises the attention over the whole prompt "
-                             "of one sequence: stage gse without --questions-per-image")
+                             "of one sequence: not with --questions-per-image")
         if self.negative_fraction > 0 and (self.stage != "lpr" or self.blank_image):
             raise InputError("--negative-fraction draws LPR crops without the target: stage lpr "
                              "only, without --blank-image")
