@@ -452,6 +452,25 @@ def train_words_cmd(
         typer.echo(f"  also changed: {item['piece']!r} {item['before']} -> {item['after']}")
 
 
+@train_app.command("evaluate")
+def train_evaluate_cmd(
+    stage: str = typer.Argument(..., help="gse or lpr."),
+    init: str = typer.Option(..., "--init", help="HF checkpoint folder of that stage (stock or pointer Qwen2.5-VL)."),
+    cache: str = typer.Option(..., "--cache", help="Held-out cache folder (finers-rt train cache)."),
+    limit: int = typer.Option(None, "--limit", help="Evaluate the first N questions only (default: all)."),
+    json_out: str = typer.Option(None, "--json", help="Also write the report to this JSON file (refused if it exists, unless --force)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --json file."),
+    threads: int = typer.Option(1, "--threads", help="torch threads."),
+) -> None:
+    """Greedy stage metrics of a checkpoint on a held-out cache (GSE: region recall, centre
+    hit; LPR: box IoU, points, where the box centre lands), as the learning curves compute them."""
+    evaluate = _train_module("evaluate", "finers-rt train evaluate")
+    report = evaluate.evaluate_checkpoint(init, cache, stage, limit, threads, json_out, force)
+    typer.echo(f"{stage} on {report['samples']} questions ({report['seconds']:.0f} s):")
+    for key, value in report["metrics"].items():
+        typer.echo(f"  {key}: {value:.3f}")
+
+
 @train_app.command("sam")
 def train_sam_cmd(
     cache: str = typer.Option(..., "--cache", help="Training cache folder (finers-rt train cache)."),

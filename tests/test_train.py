@@ -640,3 +640,31 @@ def test_lpr_eval_says_whether_the_box_centre_is_on_the_target_or_another_object
     y = ((rows[other][1] + rows[other][3]) / 2 * sh - r1) * lh / (r2 - r1)
     assert _centre_objects(cache, i, [x - 1, y - 1, x + 1, y + 1]) == {
         "centre_on_target": 0.0, "centre_on_other": 1.0}
+
+
+def test_train_evaluate_reports_stage_metrics_and_keeps_an_existing_report(tiny_cache, tmp_path):
+    from typer.testing import CliRunner
+
+    from finers_rt.cli import app
+    from finers_rt.train.evaluate import evaluate_checkpoint
+    from finers_rt.train.sft import train_sft
+
+    train_sft(_sft_config(tiny_cache, tmp_path / "lpr", steps=1), log=lambda m: None)
+    ckpt, out = tmp_path / "lpr" / "checkpoint", tmp_path / "eval.json"
+    report = evaluate_checkpoint(ckpt, tiny_cache, "lpr", limit=2, json_out=out)
+    assert report["samples"] == 2 and json.loads(out.read_text()) == report
+    assert {"iou_gt_0.5", "centre_on_target", "centre_on_other"} <= set(report["metrics"])
+    out.write_text("mine")
+    with pytest.raises(InputError, match="exists"):
+        evaluate_checkpoint(ckpt, tiny_cache, "lpr", limit=1, json_out=out)
+    assert out.read_text() == "mine"
+    run = CliRunner().invoke(app, ["train", "evaluate", "gse", "--init", str(ckpt), "--cache",
+                                   str(tiny_cache), "--limit", "1", "--json", str(out), "--force"])
+    assert run.exit_code == 0, run.output
+    assert "region_recall" in run.output and json.loads(out.read_text())["stage"] == "gse"
+    bad = CliRunner().invoke(app, ["train", "evaluate", "sam", "--init", str(ckpt), "--cache",
+                                   str(tiny_cache)])
+    assert isinstance(bad.exception, InputError) and "stage must be" in str(bad.exception)
+    missing = CliRunner().invoke(app, ["train", "evaluate", "lpr", "--init", str(tmp_path / "no"),
+                                       "--cache", str(tiny_cache)])
+    assert missing.exit_code != 0 and "config.json" in str(missing.exception)

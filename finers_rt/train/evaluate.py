@@ -12,12 +12,16 @@ on a crop without it (`not_found_on_negative`).
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from finers_rt import geometry
+from finers_rt.errors import InputError
 from finers_rt.parsing import parse_output, says_not_found
 from finers_rt.train import dense
 from finers_rt.train.batch import Collator
@@ -61,6 +65,40 @@ def evaluate_stage(model, collator: Collator, cache: SampleCache, stage: str,
     n = len(cache) if limit is None else min(limit, len(cache))
     rows = [(_eval_gse if stage == "gse" else _eval_lpr)(model, collator, cache, i) for i in range(n)]
     return {key: float(np.nanmean([r[key] for r in rows])) for key in rows[0]}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, stage: str,
+                        limit: int | None = None, threads: int = 1,
+                        json_out: str | Path | None = None, force: bool = False) -> dict[str, Any]:
+    """`finers-rt train evaluate`: greedy stage metrics of an HF checkpoint (stock or pointer)
+    on a held-out cache, as the learning curves compute them; written to `json_out` (refused
+    if it exists, unless `force`) and returned: {stage, checkpoint, cache, samples, seconds,
+    metrics}."""
+    from finers_rt.export.checkpoints import load_reference
+
+    if stage not in ("gse", "lpr"):
+        raise InputError(f"stage must be 'gse' or 'lpr', got '{stage}'")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be >= 1, got {limit}")
+    if threads < 1:
+        raise InputError(f"threads must be >= 1, got {threads}")
+    out_path = None if json_out is None else Path(json_out)
+    if out_path is not None and out_path.exists() and not force:
+        raise InputError(f"{out_path} exists; pass --force to replace it")
+    cache = SampleCache(cache_dir)
+    torch.set_num_threads(threads)
+    start = time.time()
+    model, processor = load_reference(checkpoint)
+    metrics = evaluate_stage(model, Collator(processor), cache, stage, limit)
+    n = len(cache) if limit is None else min(limit, len(cache))
+    report = {"stage": stage, "checkpoint": str(checkpoint), "cache": str(cache_dir),
+              "samples": n, "seconds": round(time.time() - start, 1), "metrics": metrics}
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        tmp.replace(out_path)
+    return report
 
 
 def _eval_gse(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
