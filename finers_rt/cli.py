@@ -468,7 +468,7 @@ def train_evaluate_cmd(
     report = evaluate.evaluate_checkpoint(init, cache, stage, limit, threads, json_out, force)
     typer.echo(f"{stage} on {report['samples']} questions ({report['seconds']:.0f} s):")
     for key, value in report["metrics"].items():
-        typer.echo(f"  {key}: {value:.3f}")
+        typer.echo(f"  {key}: " + ("-" if value is None else f"{value:.3f}"))
 
 
 @train_app.command("sam")

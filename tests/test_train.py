@@ -653,7 +653,11 @@ def test_train_evaluate_reports_stage_metrics_and_keeps_an_existing_report(tiny_
     ckpt, out = tmp_path / "lpr" / "checkpoint", tmp_path / "eval.json"
     report = evaluate_checkpoint(ckpt, tiny_cache, "lpr", limit=2, json_out=out)
     assert report["samples"] == 2 and json.loads(out.read_text()) == report
-    assert {"iou_gt_0.5", "centre_on_target", "centre_on_other"} <= set(report["metrics"])
+    metrics = report["metrics"]
+    assert {"iou_gt_0.5", "centre_on_target", "centre_on_other", "log2_width_ratio"} <= set(metrics)
+    buckets = [b for b in ("S", "XS", "XXS") if f"{b}/samples" in metrics]
+    assert sum(metrics[f"{b}/samples"] for b in buckets) == 2
+    assert all(f"{b}/iou_gt_0.5" in metrics for b in buckets)
     out.write_text("mine")
     with pytest.raises(InputError, match="exists"):
         evaluate_checkpoint(ckpt, tiny_cache, "lpr", limit=1, json_out=out)
@@ -668,3 +672,15 @@ def test_train_evaluate_reports_stage_metrics_and_keeps_an_existing_report(tiny_
     missing = CliRunner().invoke(app, ["train", "evaluate", "lpr", "--init", str(tmp_path / "no"),
                                        "--cache", str(tiny_cache)])
     assert missing.exit_code != 0 and "config.json" in str(missing.exception)
+
+
+def test_lpr_eval_width_ratio_is_zero_for_the_right_size_and_one_for_twice():
+    import math
+
+    from finers_rt.train.evaluate import _log2_width_ratio
+
+    assert _log2_width_ratio([10, 10, 30, 20], [0, 0, 20, 10]) == 0.0
+    assert _log2_width_ratio([0, 0, 40, 20], [5, 5, 25, 15]) == 1.0
+    assert math.isnan(_log2_width_ratio(None, [0, 0, 20, 10]))
+    assert math.isnan(_log2_width_ratio([0, 0, 4, 4], None))
+    assert _log2_width_ratio([5, 5, 5, 5], [0, 0, 0, 0]) == 0.0  # degenerate boxes count as 1 px

@@ -5,9 +5,13 @@ inside training on a cache and measures what each stage is responsible for:
 GSE: region recall (GT box inside the crop the pipeline would take), the same counting only
 regions within 50% of the requested size (`recall_sized`: an oversized region makes the
 dynamic box cover most of the image, which "recalls" everything), centre hit, valid rate.
-LPR: box IoU > 0.5 rate, mean IoU, points on the object, valid rate; on caches with negative
-crops also how often it says the object is found on its crop (`found_on_target`) and not found
-on a crop without it (`not_found_on_negative`).
+LPR: box IoU > 0.5 rate, mean IoU, points on the object, valid rate, where the box centre
+lands (`centre_on_target`, `centre_on_other`: another object of the scene, else background),
+the box's size against the target's (`log2_width_ratio`); on caches with negative crops also
+how often it says the object is found on its crop (`found_on_target`) and not found on a crop
+without it (`not_found_on_negative`).
+Every metric is also given per official size bucket of the target (`S/...`, `XS/...`,
+`XXS/...`, with `BUCKET/samples`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from finers_rt import geometry
+from finers_rt.dataset import size_bucket
 from finers_rt.errors import InputError
 from finers_rt.parsing import parse_output, says_not_found
 from finers_rt.train import dense
@@ -64,7 +69,23 @@ def evaluate_stage(model, collator: Collator, cache: SampleCache, stage: str,
     """Greedy-decode the first `limit` cache entries and return the stage's metrics."""
     n = len(cache) if limit is None else min(limit, len(cache))
     rows = [(_eval_gse if stage == "gse" else _eval_lpr)(model, collator, cache, i) for i in range(n)]
-    return {key: float(np.nanmean([r[key] for r in rows])) for key in rows[0]}
+    out = _means(rows)
+    for bucket in ("S", "XS", "XXS"):  # the official size buckets of the questions' targets
+        chosen = [r for i, r in enumerate(rows)
+                  if size_bucket(cache.entries[i]["record"]["area_percent"]) == bucket]
+        if chosen:
+            out[f"{bucket}/samples"] = float(len(chosen))
+            out.update({f"{bucket}/{key}": value for key, value in _means(chosen).items()})
+    return out
+
+
+def _means(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per key the mean over rows, ignoring nan (nan when every row is nan)."""
+    out = {}
+    for key in rows[0]:
+        values = np.array([r[key] for r in rows], dtype=np.float64)
+        out[key] = float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
+    return out
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, stage: str,
@@ -73,7 +94,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, stage: st
     """`finers-rt train evaluate`: greedy stage metrics of an HF checkpoint (stock or pointer)
     on a held-out cache, as the learning curves compute them; written to `json_out` (refused
     if it exists, unless `force`) and returned: {stage, checkpoint, cache, samples, seconds,
-    metrics}."""
+    metrics} (a metric no sample defines is None)."""
     from finers_rt.export.checkpoints import load_reference
 
     if stage not in ("gse", "lpr"):
@@ -92,7 +113,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, stage: st
     metrics = evaluate_stage(model, Collator(processor), cache, stage, limit)
     n = len(cache) if limit is None else min(limit, len(cache))
     report = {"stage": stage, "checkpoint": str(checkpoint), "cache": str(cache_dir),
-              "samples": n, "seconds": round(time.time() - start, 1), "metrics": metrics}
+              "samples": n, "seconds": round(time.time() - start, 1),
+              "metrics": {k: (None if np.isnan(v) else v) for k, v in metrics.items()}}
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_name(out_path.name + ".tmp")
@@ -136,7 +158,9 @@ def _eval_lpr(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
     out = {"iou_gt_0.5": float(reward["box_iou"] > 0.5), "mean_iou": reward["box_iou"],
            "points_on_object": reward["points"], "valid": reward["json"],
            "format": reward["format"], "answer": reward["answer"], "reward": reward["total"]}
-    out.update(_centre_objects(cache, i, parse_output(text).bbox_xyxy))
+    bbox = parse_output(text).bbox_xyxy
+    out.update(_centre_objects(cache, i, bbox))
+    out["log2_width_ratio"] = _log2_width_ratio(bbox, meta["box_stage"])
     if cache.negative_images is not None:  # nan where this entry has no negative crop
         out["found_on_target"] = float(not says_not_found(parse_output(text).response))
         out["not_found_on_negative"] = float("nan")
@@ -169,3 +193,15 @@ def _centre_objects(cache: SampleCache, i: int, bbox) -> dict[str, float]:
     elif hits:
         out["centre_on_other"] = 1.0
     return out
+
+
+def _log2_width_ratio(bbox, gt) -> float:
+    """log2 of (predicted box width + height) / (GT box width + height): 0 = the right size,
+    +1 = twice as large; nan without a box (its mean over samples is the log of the geometric
+    mean size ratio: a box of one size for every target shows as > 0 on small targets, < 0 on
+    large ones)."""
+    if bbox is None or gt is None:
+        return float("nan")
+    pred = max(bbox[2] - bbox[0], 0.0) + max(bbox[3] - bbox[1], 0.0)
+    true = (gt[2] - gt[0]) + (gt[3] - gt[1])
+    return float(np.log2(max(pred, 1.0) / max(true, 1.0)))

@@ -848,7 +848,8 @@ def _evaluate(cfg, model, collator, run_dir, step, log) -> None:
                              limit=cfg.eval_samples)
     model.train()
     ckpt.append_log(run_dir, {"step": step, "eval": metrics})
-    log(f"[{cfg.stage}] eval at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    log(f"[{cfg.stage}] eval at step {step}: "  # per-bucket values: in log.jsonl
+        + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "/" not in k))
 
 
 def _hms(seconds: float) -> str:
