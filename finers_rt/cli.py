@@ -372,6 +372,7 @@ def _sft_command(stage: str):
         read_attention: float = typer.Option(0.0, "--read-attention", help="GSE or LPR, one question per sequence: weight of the losses that put one LM attention head's mass, at the last prompt position and at x1, on the words naming the target's values and make its output carry them (train.reading; the layer's value / output projections train at --head-lr; 0 = off)."),
         read_attention_layer: int = typer.Option(0, "--read-attention-layer", help="LM layer of the supervised head (negative counts from the end; layer 0 reads the token embeddings themselves and was the one that learned to read, export/finers-tiny.md twelfth round)."),
         read_attention_head: int = typer.Option(0, "--read-attention-head", help="Query head supervised by --read-attention."),
+        extent_weight: float = typer.Option(0.0, "--extent-weight", help="LPR with --model-class pointer: give the in-model pointer a learned extent (each token's value also carries its half width / height, which moves the box edges; added zero-initialised to a checkpoint without one) and train it on the target token with this weight (0 = off)."),
         save_every: int = typer.Option(100, "--save-every", help="Checkpoint every N steps."),
         eval_every: int = typer.Option(0, "--eval-every", help="Greedy held-out eval every N steps (needs --eval-cache)."),
         eval_cache: str = typer.Option(None, "--eval-cache", help="Held-out cache folder."),
@@ -398,7 +399,8 @@ def _sft_command(stage: str):
                             device=device, workers=workers, time_limit_s=time_limit,
                             negative_fraction=negative_fraction, tie_weight=tie_weight,
                             read_attention=read_attention, read_attention_layer=read_attention_layer,
-                            read_attention_head=read_attention_head, tie_coords=tie_coords)
+                            read_attention_head=read_attention_head, tie_coords=tie_coords,
+                            extent_weight=extent_weight)
         result = sft.train_sft(cfg, log=typer.echo)
         typer.echo(f"{stage}: step {result['step']}, loss {result['loss']:.3f} -> "
                    f"{result['checkpoint']} ({result['seconds']:.0f} s)")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from finers_rt.errors import InputError  # noqa: E402
 from finers_rt.train.data import StageSizes  # noqa: E402
 
 SIZES = StageSizes(gse_size_wh=(112, 84), lpr_size_wh=(84, 84), scene_size_wh=(640, 360),
@@ -127,7 +130,8 @@ def test_pointer_training_option_adds_the_pointer_and_its_loss(tmp_path):
 
 @pytest.mark.parametrize("kv_cache,joint", [("shared", False), ("concat", False),
                                            ("shared", True), ("shared", "cells"),
-                                           ("concat", "cells")])
+                                           ("concat", "cells"), ("shared", "extent"),
+                                           ("concat", "extent")])
 def test_export_parity_and_runtime_greedy_equal_hf_generate(pointer_dirs, tmp_path, kv_cache,
                                                             joint, request):
     pytest.importorskip("onnxruntime")
@@ -137,8 +141,8 @@ def test_export_parity_and_runtime_greedy_equal_hf_generate(pointer_dirs, tmp_pa
 
     # the joint pointer (one attention for both axes) goes through the same graph contract, and
     # so does one whose keys carry learned per-cell terms
-    if joint == "cells":
-        ptr = request.getfixturevalue("cell_keys_dir")
+    if joint in ("cells", "extent"):
+        ptr = request.getfixturevalue(f"{joint}_dir" if joint == "extent" else "cell_keys_dir")
     else:
         ptr = request.getfixturevalue("joint_dir")[0] if joint else pointer_dirs[1]
     manifest = export_vlm(ptr, tmp_path / "stage", VlmExportOptions(
@@ -353,3 +357,66 @@ def test_coordinate_slots_are_the_positions_that_write_x1_y1_x2_y2(pointer_dirs)
     # x1 alone is the first column
     assert _coordinate_slots(batch.labels, col, "gse", batch.answer_pos, 1)[:, 0].tolist() == \
         slots[:, 0].tolist()
+
+
+@pytest.fixture(scope="module")
+def extent_dir(pointer_dirs, tmp_path_factory):
+    """The pointer checkpoint with a learned extent: zero when added (outputs unchanged), then
+    set to large random values that move the coordinate logits."""
+    from finers_rt.export.pointer import add_pointer, has_extent, load_vlm
+
+    _, ptr = pointer_dirs
+    out = add_pointer(ptr, tmp_path_factory.mktemp("extent") / "extent", extent=True)
+    assert has_extent(out) and not has_extent(ptr)
+    inputs = _prompt_inputs(ptr, _image())
+    source, model = load_vlm(ptr, dtype=torch.float32).eval(), load_vlm(out, dtype=torch.float32).eval()
+    assert model.pointer.num_cells == model.pointer.head_dim - 1  # the last value slot is the extent
+    with torch.no_grad():
+        before = source(**inputs).logits
+        torch.testing.assert_close(model(**inputs).logits, before, rtol=1e-4, atol=1e-4)
+        for layer in (model.pointer.extent, model.pointer.extent_scale):
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 2)
+        moved = model(**inputs).logits
+    coord = torch.tensor(model.config.finers_pointer["coord_token_ids"])
+    assert (moved - before)[..., coord].abs().max() > 0.1
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def test_extent_loss_reads_half_the_answer_box_in_cells(tmp_path):
+    from finers_rt.export.checkpoints import load_reference
+    from finers_rt.export.pointer import has_extent
+    from finers_rt.train.batch import Collator
+    from finers_rt.train.data import SampleCache, build_cache
+    from finers_rt.train.sft import SftConfig, _extent_loss, stage_example, train_sft
+
+    cache = build_cache(tmp_path / "cache", seed=3, n_scenes=2, sizes=SIZES, lpr_crops=1)
+    base = dict(stage="lpr", cache_dir=str(cache), init="test", steps=2, batch_size=2, lr=3e-3,
+                warmup=1, save_every=2, log_every=1, seed=1, model_class="pointer",
+                extent_weight=1.0)
+    out = tmp_path / "run"
+    train_sft(SftConfig(out_dir=str(out), **base), log=lambda m: None)
+    assert has_extent(out / "checkpoint")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(r["extent"] > 0 for r in log)
+    model, processor = load_reference(out / "checkpoint")
+    collator, data = Collator(processor), SampleCache(cache)
+    i = next(k for k in range(len(data)) if data.entries[k]["lpr"][0]["box_stage"] is not None)
+    image, text, target, xy = stage_example(data, "lpr", i)
+    batch = collator([image], [text], [target], [xy])
+    x1, y1, x2, y2 = data.entries[i]["lpr"][0]["box_stage"]
+    cell = model.config.finers_pointer["cell_px"]
+    with torch.no_grad():
+        last = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           pixel_values=batch.pixel_values,
+                           image_grid_thw=batch.image_grid_thw).last_hidden_state
+        model.pointer.extent.weight.zero_()
+        model.pointer.extent.bias.copy_(torch.tensor([(x2 - x1) / 2 / cell, (y2 - y1) / 2 / cell]))
+        loss = _extent_loss(model, last, batch, collator, "lpr")
+        assert float(loss) < 0.5 * (2 / cell) ** 2  # answer coordinates are rounded to even values
+        model.pointer.extent.bias.add_(1.0)
+        assert float(_extent_loss(model, last, batch, collator, "lpr")) > 0.4
+    for bad in ({"stage": "gse"}, {"model_class": "stock"}):
+        with pytest.raises(InputError, match="extent-weight"):
+            SftConfig(out_dir=str(tmp_path / "x"), **{**base, **bad})

@@ -48,10 +48,12 @@ POINTER_EPS = 1e-6
 
 
 def pointer_settings(coord_ids_values: dict[int, int], cell_px: int, max_value: int,
-                     joint: bool = False, cell_keys: bool = False) -> dict[str, Any]:
+                     joint: bool = False, cell_keys: bool = False,
+                     extent: bool = False) -> dict[str, Any]:
     """The `finers_pointer` config dict for a tokenizer's coordinate tokens {id: value};
     `joint`: one attention (shared key and query) for both axes; `cell_keys`: every token's
-    pointer key also gets a learned vector of its column and one of its row."""
+    pointer key also gets a learned vector of its column and one of its row; `extent`: every
+    token's pointer value also carries a learned extent (see `PointerHead`)."""
     ids = sorted(coord_ids_values)
     out = {"version": 1, "coord_token_ids": ids,
            "coord_values": [int(coord_ids_values[i]) for i in ids],
@@ -59,6 +61,8 @@ def pointer_settings(coord_ids_values: dict[int, int], cell_px: int, max_value: 
            "eps": POINTER_EPS, "shift": True, "joint": bool(joint)}
     if cell_keys:
         out["cell_keys"] = True
+    if extent:
+        out["extent"] = True
     return out
 
 
@@ -111,6 +115,18 @@ class PointerHead(nn.Module):
         # optional learned shift (in cells) of each axis distribution: a GSE region's x1 sits
         # 1.5 cells left of the target the pointer finds, a box edge half a width away
         self.shift = nn.Linear(hidden, 2) if settings.get("shift") else None
+        # optional learned extent ("extent"): every token's value also holds extent(h_i), its
+        # half width / height in cells, in the last slot of value heads 0 / 1 (so one slot
+        # fewer for cells); the attention returns the attended token's extent with the cell
+        # distribution, and the shift adds extent_scale(h_t) * that extent: a box edge can sit
+        # half the object's size from its centre, not a fixed distance
+        self.extent = self.extent_scale = None
+        if settings.get("extent"):
+            if self.shift is None:
+                raise ArtifactError("the pointer extent moves the learned shift: it needs \"shift\"")
+            self.num_cells = min(self.num_cells, head_dim - 1)
+            self.extent = nn.Linear(hidden, 2)
+            self.extent_scale = nn.Linear(hidden, 2)
         # optional learned key term per column and per row of a token's cell ("cell_keys"):
         # the key then says where the token is, not only what its state holds, so a query can
         # ask for "the top-left of the image" (cell_key[0] = columns, cell_key[1] = rows)
@@ -163,7 +179,10 @@ def pointer_kv(head: PointerHead, hidden: torch.Tensor, position_ids: torch.Tens
     cells = pointer_cells(position_ids)  # [B, S, 2]
     if head.cell_key is not None:
         keys = keys + _read_tied(head, cell_key_terms(head, cells))[:, :, None, :]
-    values = (cells[..., None] == head.slots).to(hidden.dtype)  # [B, S, 2, D]
+    values = ((cells[..., None] == head.slots) & (head.slots < head.num_cells)).to(hidden.dtype)
+    if head.extent is not None:  # [B, S, 2, D]: the last slot of each axis holds the extent
+        last = (head.slots == head.head_dim - 1).to(hidden.dtype)
+        values = values + head.extent(hidden)[..., None] * last
     pad = head.num_kv_heads - 2
     if pad:
         keys = torch.cat([keys, keys.new_zeros(bsz, seq, pad, head.head_dim)], dim=2)
@@ -182,20 +201,32 @@ def pointer_axis_probs(head: PointerHead, hidden: torch.Tensor, keys: torch.Tens
                        values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """hidden [B, S, H], keys/values [B, T, KV, D] (cached + new), additive mask [B, 1, S, T]
     -> p_axis [B, 2, S, C]: column (x) and row (y) distributions of the queries' attention."""
+    return pointer_attention(head, hidden, keys, values, mask)[..., :head.num_cells]
+
+
+def pointer_attention(head: PointerHead, hidden: torch.Tensor, keys: torch.Tensor,
+                      values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Like `pointer_axis_probs` but the whole attention output [B, 2, S, D] (cells first,
+    the attended extent in slot D - 1 when the pointer has one)."""
     q = pointer_heads(head, head.query, hidden).transpose(1, 2)  # [B, 2, S, D]
     k = keys[:, :, 0:2, :].transpose(1, 2)  # [B, 2, T, D]
     scores = torch.matmul(q, k.transpose(2, 3)) * head.head_dim ** -0.5 + mask  # [B, 2, S, T]
     probs = torch.softmax(scores, dim=-1)
     if head.training and head.joint:
         head.last_token_probs = probs[:, 0]  # [B, S, T], for the training-only joint loss
-    return torch.matmul(probs, values[:, :, 0:2, :].transpose(1, 2))[..., :head.num_cells]
+    return torch.matmul(probs, values[:, :, 0:2, :].transpose(1, 2))
 
 
-def pointer_bonus(head: PointerHead, hidden: torch.Tensor, p_axis: torch.Tensor) -> torch.Tensor:
-    """hidden [B, S, H], p_axis [B, 2, S, C] -> the additive logits [B, S, V] (coordinates only):
+def pointer_bonus(head: PointerHead, hidden: torch.Tensor, p_axis: torch.Tensor,
+                  extent: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden [B, S, H], p_axis [B, 2, S, C], extent [B, 2, S] (the attended extent; pointers
+    with one) -> the additive logits [B, S, V] (coordinates only):
     g_x * log(p_col . W[v] + eps) + g_y * log(p_row . W[v] + eps), after the learned shift."""
     if head.shift is not None:
-        p_axis = shift_cells(p_axis, head.shift(hidden), head.cells)
+        shift = head.shift(hidden)  # [B, S, 2]
+        if head.extent is not None:
+            shift = shift + head.extent_scale(hidden) * extent.permute(0, 2, 1)
+        p_axis = shift_cells(p_axis, shift, head.cells)
     if head.training:
         head.last_axis_probs = p_axis  # for the training-only dense axis loss
     logp = torch.log(torch.matmul(p_axis, head.cell_map) + head.eps)  # [B, 2, S, V]
@@ -207,8 +238,9 @@ def pointer_logits(head: PointerHead, hidden: torch.Tensor, base_logits: torch.T
                    keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """hidden [B, S, H] (final normed), base_logits [B, S, V], keys/values [B, T, KV, D] (all
     cached + new pointer K/V), mask additive [B, 1, S, T] -> logits [B, S, V]."""
-    axis = pointer_axis_probs(head, hidden, keys, values, mask)
-    return base_logits + pointer_bonus(head, hidden, axis)
+    out = pointer_attention(head, hidden, keys, values, mask)  # [B, 2, S, D]
+    extent = out[..., head.head_dim - 1] if head.extent is not None else None
+    return base_logits + pointer_bonus(head, hidden, out[..., :head.num_cells], extent)
 
 
 def shift_cells(p_axis: torch.Tensor, shift: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -328,6 +360,11 @@ def has_cell_keys(hf_dir: str | Path) -> bool:
     return bool(_settings_of(hf_dir).get("cell_keys", False))
 
 
+def has_extent(hf_dir: str | Path) -> bool:
+    """Whether the HF folder's pointer values carry the learned extent."""
+    return bool(_settings_of(hf_dir).get("extent", False))
+
+
 def model_class_for(hf_dir: str | Path):
     """FinersPointerQwen2_5_VL for pointer checkpoints, the stock HF class otherwise."""
     return FinersPointerQwen2_5_VL if has_pointer(hf_dir) else Qwen2_5_VLForConditionalGeneration
@@ -340,7 +377,7 @@ def load_vlm(hf_dir: str | Path, **kwargs):
 
 def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = None,
                 joint: bool | None = None, seed: dict[str, torch.Tensor] | None = None,
-                cell_keys: bool | None = None) -> Path:
+                cell_keys: bool | None = None, extent: bool | None = None) -> Path:
     """Write `src_dir` (a finers-tiny-style checkpoint with coordinate tokens) as a pointer
     checkpoint at `out_dir` with the current pointer settings: same weights, fresh weights for
     the pointer parts the source lacks (all of them for a stock checkpoint; the shift for a
@@ -350,7 +387,8 @@ def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = 
     "key.bias", "query.weight", "query.bias" of one head (e.g. the training-only
     `batch.PointerHead`, which scores image tokens the same way), used where its shapes fit.
     `cell_keys`: add (True, zero-initialised) or drop (False) the learned per-cell key terms;
-    None keeps the source's."""
+    None keeps the source's. `extent`: add (True, zero-initialised, so the model's outputs
+    are unchanged) or drop (False) the learned extent; None keeps the source's."""
     from transformers import AutoConfig, AutoTokenizer
 
     from finers_rt.train.checkpoint import copy_processor_files
@@ -370,14 +408,25 @@ def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = 
     switched = bool(old) and joint != was_joint
     had_cells = bool(old.get("cell_keys", False))
     cell_keys = had_cells if cell_keys is None else bool(cell_keys)
+    had_extent = bool(old.get("extent", False))
+    extent = had_extent if extent is None else bool(extent)
+    if extent != had_extent and had_cells and cell_keys:
+        raise ArtifactError("adding or dropping the pointer extent changes the number of cells "
+                            "the learned per-cell key terms cover: not supported on a checkpoint "
+                            "with cell keys")
     setattr(config, POINTER_KEY, pointer_settings(coords, cell_px, COORD_MAX, joint=joint,
-                                                  cell_keys=cell_keys))
+                                                  cell_keys=cell_keys, extent=extent))
     # a kind switch changes the key / query shapes: those two start fresh (or from `seed`)
     model = FinersPointerQwen2_5_VL.from_pretrained(str(src), config=config, dtype=torch.float32,
                                                     ignore_mismatched_sizes=switched)
     if cell_keys and not had_cells:  # new parameters: zero, whatever the loader left there
         with torch.no_grad():
             model.pointer.cell_key.zero_()
+    if extent and not had_extent:
+        with torch.no_grad():
+            for layer in (model.pointer.extent, model.pointer.extent_scale):
+                layer.weight.zero_()
+                layer.bias.zero_()
     if seed is not None and joint:
         head = model.pointer
         with torch.no_grad():
@@ -449,6 +498,9 @@ class SharedKvPointerStep(SharedKvDecoderStep):
         cells = self.pointer.num_cells
         last = out[:, -1, :]  # [B, KV * D]
         p_axis = torch.stack([last[:, :cells], last[:, dim:dim + cells]], dim=1)[:, :, None, :]
+        extent = None
+        if self.pointer.extent is not None:  # [B, 2, 1]: the last slot of each axis
+            extent = torch.stack([last[:, dim - 1], last[:, 2 * dim - 1]], dim=1)[:, :, None]
         h_last = hidden[:, -1:, :]
-        logits = self.lm_head(h_last) + pointer_bonus(self.pointer, h_last, p_axis)
+        logits = self.lm_head(h_last) + pointer_bonus(self.pointer, h_last, p_axis, extent)
         return (logits[:, 0, :], *present, present_k, present_v)

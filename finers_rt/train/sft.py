@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from finers_rt.errors import InputError
 from finers_rt.train import checkpoint as ckpt
@@ -86,6 +87,7 @@ class SftConfig:
     negative_fraction: float = 0.0
     tie_weight: float = 0.0
     read_attention: float = 0.0
+    extent_weight: float = 0.0
     read_attention_layer: int = 0
     read_attention_head: int = 0
     tie_coords: int = 1
@@ -135,6 +137,13 @@ class SftConfig:
         if not 1 <= self.tie_coords <= COORDS_PER_ANSWER["gse"]:
             raise InputError(f"--tie-coords must be in [1, {COORDS_PER_ANSWER['gse']}], "
                              f"got {self.tie_coords}")
+        if self.extent_weight < 0:
+            raise InputError(f"extent weight must be >= 0, got {self.extent_weight}")
+        if self.extent_weight > 0 and (self.stage != "lpr" or self.model_class != "pointer"
+                                       or self.blank_image):
+            raise InputError("--extent-weight trains the in-model pointer's extent on the answer "
+                             "box: stage lpr with --model-class pointer (GSE's box is a "
+                             "fixed-size region), without --blank-image")
         if self.read_attention < 0:
             raise InputError(f"read-attention weight must be >= 0, got {self.read_attention}")
         if self.read_attention > 0 and self.questions_per_image > 1:
@@ -427,7 +436,8 @@ def carry_heads(heads: torch.nn.ModuleDict, init_dir: Path, log: Callable[[str],
 def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0, log: Callable[[str], None] = print):
     """(model, processor, source folder of the processor files, resumed state or None)."""
     from finers_rt.export.checkpoints import load_processor
-    from finers_rt.export.pointer import add_pointer, has_cell_keys, has_pointer, is_joint, load_vlm
+    from finers_rt.export.pointer import (add_pointer, has_cell_keys, has_extent, has_pointer,
+                                          is_joint, load_vlm)
     from finers_rt.train.model import MODEL_CONFIGS, make_initial_checkpoint
 
     state_path = run_dir / "trainer_state.pt"
@@ -451,13 +461,15 @@ def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0, log: Callable[[str
     needs_pointer = cfg.model_class == "pointer" and not has_pointer(src)
     needs_joint = cfg.joint_pointer and not is_joint(src)
     needs_cells = cfg.tie_weight > 0 and not has_cell_keys(src)
-    if state is None and (needs_pointer or needs_joint or needs_cells):
+    needs_extent = cfg.extent_weight > 0 and not has_extent(src)
+    if state is None and (needs_pointer or needs_joint or needs_cells or needs_extent):
         stock, src = src, run_dir / "init_pointer"
         if rank == 0 and not (src / "config.json").is_file():
             torch.manual_seed(cfg.seed)
             seed = joint_seed(stock, log) if needs_joint else None
             add_pointer(stock, src, joint=True if cfg.joint_pointer else None, seed=seed,
-                        cell_keys=True if needs_cells else None)
+                        cell_keys=True if needs_cells else None,
+                        extent=True if needs_extent else None)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     model = load_vlm(src, dtype=torch.float32, attn_implementation="sdpa")
@@ -665,6 +677,9 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
         query_loss = heads["query"](last, batch.answer_pos, batch.query_labels)
         if cfg.query_at_x1:  # the state that writes x1 must carry the question too
             query_loss = 0.5 * (query_loss + heads["query"](last, x1, batch.query_labels))
+    extent_loss = zero
+    if cfg.extent_weight > 0:
+        extent_loss = _extent_loss(hf_model, last, batch, collator, cfg.stage)
     tie_key = tie_query = zero
     if cfg.tie_weight > 0:
         tie_key, tie_query = _tie_losses(hf_model.pointer, batch, images, last_img, last, slots,
@@ -678,7 +693,8 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
             + cfg.dense_weight * dense_loss
             + cfg.query_weight * query_loss
             + cfg.tie_weight * (tie_key + tie_query)
-            + cfg.read_attention * (read_loss + read_value))
+            + cfg.read_attention * (read_loss + read_value)
+            + cfg.extent_weight * extent_loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if world > 1:  # the heads are outside DDP: average their gradients by hand
@@ -692,7 +708,27 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
             "pointer": point_loss.item(), "axis": axis_loss.item(), "joint": joint_loss.item(),
             "dense": dense_loss.item(),
             "query": query_loss.item(), "tie_key": tie_key.item(), "tie_query": tie_query.item(),
-            "read": read_loss.item(), "read_value": read_value.item()}
+            "read": read_loss.item(), "read_value": read_value.item(),
+            "extent": extent_loss.item()}
+
+
+def _extent_loss(model, last: torch.Tensor, batch, collator: Collator, stage: str) -> torch.Tensor:
+    """Smooth-L1 of the in-model pointer's extent (`export.pointer.PointerHead.extent`) on the
+    target's image token against half the answer box's width and height in cells, read from
+    the answer's first four coordinate tokens (x1, y1, x2, y2). 0 without such samples."""
+    head = model.pointer
+    cell_px = float(model.config.finers_pointer["cell_px"])
+    complete = _coordinate_positions(batch.labels, collator, stage).sum(dim=1) >= 4
+    rows = torch.nonzero(complete & (batch.pointer_index >= 0)).flatten()
+    if rows.numel() == 0:
+        return last.sum() * 0
+    slots = _coordinate_slots(batch.labels, collator, stage, batch.answer_pos, 4)[rows]  # [R, 4]
+    tokens = batch.labels[rows[:, None], slots + 1]
+    lookup = collator.coord_lookup.to(tokens.device)
+    values = collator.coord_values.to(last.device)[lookup[tokens]]  # [R, 4] x1, y1, x2, y2
+    target = (values[:, 2:] - values[:, :2]) / (2.0 * cell_px)  # half width / height, cells
+    token = batch.image_spans[rows, 0] + batch.pointer_index[rows]
+    return F.smooth_l1_loss(head.extent(last[rows, token]), target)
 
 
 def _tie_losses(head, batch, images, last_img: torch.Tensor, last: torch.Tensor,
@@ -818,6 +854,7 @@ def _log_progress(cfg: SftConfig, run_dir: Path, step: int, losses: dict[str, fl
         f"dense {rec['dense']:.3f}, query {rec['query']:.3f}"
         + (f", tie {rec['tie_key']:.3f}/{rec['tie_query']:.3f}" if cfg.tie_weight > 0 else "")
         + (f", read {rec['read']:.3f}/{rec['read_value']:.3f}" if cfg.read_attention > 0 else "")
+        + (f", extent {rec['extent']:.3f}" if cfg.extent_weight > 0 else "")
         + ") "
         f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
 
