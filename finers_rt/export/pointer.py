@@ -25,6 +25,10 @@ p_row are then the column and row marginals of a single attention over the token
 follow the same token (with separate x/y attentions, two look-alikes give four equally likely
 (x, y) pairs). Its token attention can be trained directly (CE on the target's image token).
 The graph is the same either way: the shared key/query are written into heads 0 and 1.
+An "extent" pointer (settings `extent: true`) writes each token's learned extent(h_i) (half
+width / height, in cells) into the last value slot of each axis, so the same attention also
+returns the attended token's extent; the learned shift adds extent_scale(h_t) times it, so a
+box edge can sit half the object's size from the cell the pointer found.
 The HF config carries a `finers_pointer` dict; stock checkpoints (no dict) load the stock class.
 """
 
