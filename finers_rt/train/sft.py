@@ -525,6 +525,9 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         fast |= {id(p) for p in tie.tied_parameters(model.pointer)}
     if cfg.read_attention > 0:  # so are the routed head's value / output projections
         fast |= {id(p) for p in reading.routed_parameters(model, cfg.read_attention_layer)}
+    if cfg.extent_weight > 0:  # new and read out like the heads (the extent's scale started at 0)
+        fast |= {id(p) for layer in (model.pointer.extent, model.pointer.extent_scale)
+                 for p in layer.parameters()}
     if fast:
         head_params += [p for p in model_params if id(p) in fast]
         model_params = [p for p in model_params if id(p) not in fast]
