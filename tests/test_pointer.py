@@ -141,10 +141,12 @@ def test_export_parity_and_runtime_greedy_equal_hf_generate(pointer_dirs, tmp_pa
 
     # the joint pointer (one attention for both axes) goes through the same graph contract, and
     # so does one whose keys carry learned per-cell terms
-    if joint in ("cells", "extent"):
-        ptr = request.getfixturevalue(f"{joint}_dir" if joint == "extent" else "cell_keys_dir")
+    if joint is True:
+        ptr = request.getfixturevalue("joint_dir")[0]
+    elif joint:
+        ptr = request.getfixturevalue({"cells": "cell_keys_dir", "extent": "extent_dir"}[joint])
     else:
-        ptr = request.getfixturevalue("joint_dir")[0] if joint else pointer_dirs[1]
+        ptr = pointer_dirs[1]
     manifest = export_vlm(ptr, tmp_path / "stage", VlmExportOptions(
         role="lpr", image_size_wh=(84, 84), kv_cache=kv_cache))
     assert manifest.validation["greedy_tokens_equal"] is True

@@ -146,6 +146,9 @@ class PointerHead(nn.Module):
         self.register_buffer("cells", torch.arange(self.num_cells, dtype=torch.float32),
                              persistent=False)
         self.register_buffer("slots", torch.arange(head_dim, dtype=torch.float32), persistent=False)
+        # the value slots that hold cells, and the one that holds the extent (with "extent")
+        self.register_buffer("cell_slots", self.slots < self.num_cells, persistent=False)
+        self.register_buffer("extent_slot", (self.slots == head_dim - 1).float(), persistent=False)
 
 
 def pointer_heads(head: PointerHead, projection: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
@@ -183,10 +186,9 @@ def pointer_kv(head: PointerHead, hidden: torch.Tensor, position_ids: torch.Tens
     cells = pointer_cells(position_ids)  # [B, S, 2]
     if head.cell_key is not None:
         keys = keys + _read_tied(head, cell_key_terms(head, cells))[:, :, None, :]
-    values = ((cells[..., None] == head.slots) & (head.slots < head.num_cells)).to(hidden.dtype)
+    values = ((cells[..., None] == head.slots) & head.cell_slots).to(hidden.dtype)
     if head.extent is not None:  # [B, S, 2, D]: the last slot of each axis holds the extent
-        last = (head.slots == head.head_dim - 1).to(hidden.dtype)
-        values = values + head.extent(hidden)[..., None] * last
+        values = values + head.extent(hidden)[..., None] * head.extent_slot
     pad = head.num_kv_heads - 2
     if pad:
         keys = torch.cat([keys, keys.new_zeros(bsz, seq, pad, head.head_dim)], dim=2)
@@ -206,6 +208,14 @@ def pointer_axis_probs(head: PointerHead, hidden: torch.Tensor, keys: torch.Tens
     """hidden [B, S, H], keys/values [B, T, KV, D] (cached + new), additive mask [B, 1, S, T]
     -> p_axis [B, 2, S, C]: column (x) and row (y) distributions of the queries' attention."""
     return pointer_attention(head, hidden, keys, values, mask)[..., :head.num_cells]
+
+
+def split_pointer_output(head: PointerHead, out: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pointer attention's output [B, 2, S, D] -> (p_axis [B, 2, S, C], the attended
+    extent [B, 2, S], or None for a pointer without one)."""
+    extent = out[..., head.head_dim - 1] if head.extent is not None else None
+    return out[..., :head.num_cells], extent
 
 
 def pointer_attention(head: PointerHead, hidden: torch.Tensor, keys: torch.Tensor,
@@ -242,9 +252,8 @@ def pointer_logits(head: PointerHead, hidden: torch.Tensor, base_logits: torch.T
                    keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """hidden [B, S, H] (final normed), base_logits [B, S, V], keys/values [B, T, KV, D] (all
     cached + new pointer K/V), mask additive [B, 1, S, T] -> logits [B, S, V]."""
-    out = pointer_attention(head, hidden, keys, values, mask)  # [B, 2, S, D]
-    extent = out[..., head.head_dim - 1] if head.extent is not None else None
-    return base_logits + pointer_bonus(head, hidden, out[..., :head.num_cells], extent)
+    p_axis, extent = split_pointer_output(head, pointer_attention(head, hidden, keys, values, mask))
+    return base_logits + pointer_bonus(head, hidden, p_axis, extent)
 
 
 def shift_cells(p_axis: torch.Tensor, shift: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -499,12 +508,8 @@ class SharedKvPointerStep(SharedKvDecoderStep):
             q, keys.reshape(bsz, seq, kv * dim), values.reshape(bsz, seq, kv * dim),
             past[2 * self.num_layers], past[2 * self.num_layers + 1], seqlens_k, total, kv, kv,
             float(dim ** -0.5))
-        cells = self.pointer.num_cells
-        last = out[:, -1, :]  # [B, KV * D]
-        p_axis = torch.stack([last[:, :cells], last[:, dim:dim + cells]], dim=1)[:, :, None, :]
-        extent = None
-        if self.pointer.extent is not None:  # [B, 2, 1]: the last slot of each axis
-            extent = torch.stack([last[:, dim - 1], last[:, 2 * dim - 1]], dim=1)[:, :, None]
+        last = out[:, -1, :2 * dim].reshape(bsz, 2, 1, dim)  # heads 0 / 1 (x, y), last position
+        p_axis, extent = split_pointer_output(self.pointer, last)
         h_last = hidden[:, -1:, :]
         logits = self.lm_head(h_last) + pointer_bonus(self.pointer, h_last, p_axis, extent)
         return (logits[:, 0, :], *present, present_k, present_v)

@@ -158,11 +158,11 @@ def _eval_lpr(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
     out = {"iou_gt_0.5": float(reward["box_iou"] > 0.5), "mean_iou": reward["box_iou"],
            "points_on_object": reward["points"], "valid": reward["json"],
            "format": reward["format"], "answer": reward["answer"], "reward": reward["total"]}
-    bbox = parse_output(text).bbox_xyxy
-    out.update(_centre_objects(cache, i, bbox))
-    out["log2_width_ratio"] = _log2_width_ratio(bbox, meta["box_stage"])
+    parsed = parse_output(text)
+    out.update(_centre_objects(cache, i, parsed.bbox_xyxy))
+    out["log2_width_ratio"] = _log2_width_ratio(parsed.bbox_xyxy, meta["box_stage"])
     if cache.negative_images is not None:  # nan where this entry has no negative crop
-        out["found_on_target"] = float(not says_not_found(parse_output(text).response))
+        out["found_on_target"] = float(not says_not_found(parsed.response))
         out["not_found_on_negative"] = float("nan")
         if cache.negative_count(i):
             neg_text = generate_texts(model, collator, cache.negative(i, 0)[0], lpr_prompt(record))[0][0]

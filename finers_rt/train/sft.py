@@ -721,12 +721,12 @@ def _extent_loss(model, last: torch.Tensor, batch, collator: Collator, stage: st
     the answer's first four coordinate tokens (x1, y1, x2, y2). 0 without such samples."""
     head = model.pointer
     cell_px = float(model.config.finers_pointer["cell_px"])
-    complete = _coordinate_positions(batch.labels, collator, stage).sum(dim=1) >= 4
-    rows = torch.nonzero(complete & (batch.pointer_index >= 0)).flatten()
+    missing = torch.full_like(batch.answer_pos, -1)
+    slots = _coordinate_slots(batch.labels, collator, stage, missing, 4)  # [B, 4], -1 = none
+    rows = torch.nonzero((slots >= 0).all(dim=1) & (batch.pointer_index >= 0)).flatten()
     if rows.numel() == 0:
         return last.sum() * 0
-    slots = _coordinate_slots(batch.labels, collator, stage, batch.answer_pos, 4)[rows]  # [R, 4]
-    tokens = batch.labels[rows[:, None], slots + 1]
+    tokens = batch.labels[rows[:, None], slots[rows] + 1]
     lookup = collator.coord_lookup.to(tokens.device)
     values = collator.coord_values.to(last.device)[lookup[tokens]]  # [R, 4] x1, y1, x2, y2
     target = (values[:, 2:] - values[:, :2]) / (2.0 * cell_px)  # half width / height, cells
