@@ -684,3 +684,13 @@ def test_lpr_eval_width_ratio_is_zero_for_the_right_size_and_one_for_twice():
     assert math.isnan(_log2_width_ratio(None, [0, 0, 20, 10]))
     assert math.isnan(_log2_width_ratio([0, 0, 4, 4], None))
     assert _log2_width_ratio([5, 5, 5, 5], [0, 0, 0, 0]) == 0.0  # degenerate boxes count as 1 px
+
+
+def test_eval_answer_per_question_type_averages_over_its_own_type_only():
+    from finers_rt.train.evaluate import _answer_by_type, _means
+
+    rows = [_answer_by_type({"Q-type": "option"}, 1.0), _answer_by_type({"Q-type": "option"}, 0.0),
+            _answer_by_type({"Q-type": "reasoning"}, 1.0)]
+    means = _means(rows)
+    assert means["answer_option"] == 0.5 and means["answer_reasoning"] == 1.0
+    assert np.isnan(means["answer_referring"])  # no referring sample: undefined, not 0

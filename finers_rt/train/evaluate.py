@@ -11,7 +11,9 @@ the box's size against the target's (`log2_width_ratio`); on caches with negativ
 how often it says the object is found on its crop (`found_on_target`) and not found on a crop
 without it (`not_found_on_negative`).
 Every metric is also given per official size bucket of the target (`S/...`, `XS/...`,
-`XXS/...`, with `BUCKET/samples`).
+`XXS/...`, with `BUCKET/samples`), and the answer's correctness per question type
+(`answer_option`: MCQ, `answer_reasoning`: open QA, `answer_referring`: "found"; each over the
+samples of its type only).
 """
 
 from __future__ import annotations
@@ -146,7 +148,18 @@ def _eval_gse(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
         hit = float(x1 <= cx <= x2 and y1 <= cy <= y2)
     return {"region_recall": recall, "recall_sized": recall * sized, "centre_hit": hit,
             "size_ok": sized, "valid": reward["json"],
-            "format": reward["format"], "answer": reward["answer"], "reward": reward["total"]}
+            "format": reward["format"], "answer": reward["answer"], "reward": reward["total"],
+            **_answer_by_type(record, reward["answer"])}
+
+
+QUESTION_TYPES = ("option", "reasoning", "referring")
+
+
+def _answer_by_type(record: dict[str, Any], correct: float) -> dict[str, float]:
+    """`answer_<type>` for each question type: `correct` for the record's own type, nan for
+    the others (so each key's mean runs over the samples of its type)."""
+    return {f"answer_{qtype}": (float(correct) if record["Q-type"] == qtype else float("nan"))
+            for qtype in QUESTION_TYPES}
 
 
 def _eval_lpr(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
@@ -157,7 +170,8 @@ def _eval_lpr(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
     reward = lpr_reward(text, record, meta["box_stage"], np.asarray(cache.lpr_masks[row]))
     out = {"iou_gt_0.5": float(reward["box_iou"] > 0.5), "mean_iou": reward["box_iou"],
            "points_on_object": reward["points"], "valid": reward["json"],
-           "format": reward["format"], "answer": reward["answer"], "reward": reward["total"]}
+           "format": reward["format"], "answer": reward["answer"], "reward": reward["total"],
+           **_answer_by_type(record, reward["answer"])}
     parsed = parse_output(text)
     out.update(_centre_objects(cache, i, parsed.bbox_xyxy))
     out["log2_width_ratio"] = _log2_width_ratio(parsed.bbox_xyxy, meta["box_stage"])
