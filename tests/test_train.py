@@ -689,8 +689,13 @@ def test_lpr_eval_width_ratio_is_zero_for_the_right_size_and_one_for_twice():
 def test_eval_answer_per_question_type_averages_over_its_own_type_only():
     from finers_rt.train.evaluate import _answer_by_type, _means
 
-    rows = [_answer_by_type({"Q-type": "option"}, 1.0), _answer_by_type({"Q-type": "option"}, 0.0),
-            _answer_by_type({"Q-type": "reasoning"}, 1.0)]
+    rows = [_answer_by_type({"Q-type": "option", "attribute": "colors"}, 1.0),
+            _answer_by_type({"Q-type": "option", "attribute": "position"}, 0.0),
+            _answer_by_type({"Q-type": "reasoning", "attribute": "colors"}, 0.0),
+            _answer_by_type({"Q-type": "referring", "attribute": "position"}, 1.0)]
     means = _means(rows)
-    assert means["answer_option"] == 0.5 and means["answer_reasoning"] == 1.0
-    assert np.isnan(means["answer_referring"])  # no referring sample: undefined, not 0
+    assert means["answer_option"] == 0.5 and means["answer_reasoning"] == 0.0
+    assert means["answer_referring"] == 1.0
+    # per attribute over the MCQ + open QA samples only (the referring one is not a QA answer)
+    assert means["qa_colors"] == 0.5 and means["qa_position"] == 0.0
+    assert np.isnan(means["qa_shape"])  # no sample asks about shape: undefined, not 0

@@ -13,7 +13,8 @@ without it (`not_found_on_negative`).
 Every metric is also given per official size bucket of the target (`S/...`, `XS/...`,
 `XXS/...`, with `BUCKET/samples`), and the answer's correctness per question type
 (`answer_option`: MCQ, `answer_reasoning`: open QA, `answer_referring`: "found"; each over the
-samples of its type only).
+samples of its type only) and, over the MCQ + open QA samples, per attribute the question asks
+about (`qa_colors`, `qa_shape`, `qa_position`, `qa_others`).
 """
 
 from __future__ import annotations
@@ -153,13 +154,19 @@ def _eval_gse(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
 
 
 QUESTION_TYPES = ("option", "reasoning", "referring")
+ATTRIBUTES = ("colors", "shape", "position", "others")
 
 
 def _answer_by_type(record: dict[str, Any], correct: float) -> dict[str, float]:
-    """`answer_<type>` for each question type: `correct` for the record's own type, nan for
-    the others (so each key's mean runs over the samples of its type)."""
-    return {f"answer_{qtype}": (float(correct) if record["Q-type"] == qtype else float("nan"))
-            for qtype in QUESTION_TYPES}
+    """`answer_<type>` for each question type and, for MCQ / open QA questions, `qa_<attribute>`
+    for each attribute: `correct` for the record's own type / attribute, nan for the others (so
+    each key's mean runs over the samples it names)."""
+    qtype = record["Q-type"]
+    out = {f"answer_{t}": (float(correct) if qtype == t else float("nan")) for t in QUESTION_TYPES}
+    qa = qtype in ("option", "reasoning")
+    out.update({f"qa_{a}": (float(correct) if qa and record.get("attribute") == a else float("nan"))
+                for a in ATTRIBUTES})
+    return out
 
 
 def _eval_lpr(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
