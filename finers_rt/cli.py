@@ -373,6 +373,8 @@ def _sft_command(stage: str):
         read_attention_layer: int = typer.Option(0, "--read-attention-layer", help="LM layer of the supervised head (negative counts from the end; layer 0 reads the token embeddings themselves and was the one that learned to read, export/finers-tiny.md twelfth round)."),
         read_attention_head: int = typer.Option(0, "--read-attention-head", help="Query head supervised by --read-attention."),
         extent_weight: float = typer.Option(0.0, "--extent-weight", help="LPR with --model-class pointer: give the in-model pointer a learned extent (each token's value also carries its half width / height, which moves the box edges; added zero-initialised to a checkpoint without one) and train it on the target token with this weight; the extent and its scale train at --head-lr (0 = off)."),
+        readout_weight: float = typer.Option(0.0, "--readout-weight", help="With --model-class pointer: give the in-model pointer a readout (each token's value also carries --readout-dims learned values that the attended token passes to the logits of the answer's words; added with a zero output to a checkpoint without one) and weight the loss that puts the pointer's attention on the target while the response is written; the readout trains at --head-lr (0 = off)."),
+        readout_dims: int = typer.Option(16, "--readout-dims", help="Value slots per axis of a new pointer readout (taken from the cells: a pointer value has head_dim slots)."),
         save_every: int = typer.Option(100, "--save-every", help="Checkpoint every N steps."),
         eval_every: int = typer.Option(0, "--eval-every", help="Greedy held-out eval every N steps (needs --eval-cache)."),
         eval_cache: str = typer.Option(None, "--eval-cache", help="Held-out cache folder."),
@@ -400,7 +402,8 @@ def _sft_command(stage: str):
                             negative_fraction=negative_fraction, tie_weight=tie_weight,
                             read_attention=read_attention, read_attention_layer=read_attention_layer,
                             read_attention_head=read_attention_head, tie_coords=tie_coords,
-                            extent_weight=extent_weight)
+                            extent_weight=extent_weight, readout_weight=readout_weight,
+                            readout_dims=readout_dims)
         result = sft.train_sft(cfg, log=typer.echo)
         typer.echo(f"{stage}: step {result['step']}, loss {result['loss']:.3f} -> "
                    f"{result['checkpoint']} ({result['seconds']:.0f} s)")

@@ -131,7 +131,8 @@ def test_pointer_training_option_adds_the_pointer_and_its_loss(tmp_path):
 @pytest.mark.parametrize("kv_cache,joint", [("shared", False), ("concat", False),
                                            ("shared", True), ("shared", "cells"),
                                            ("concat", "cells"), ("shared", "extent"),
-                                           ("concat", "extent")])
+                                           ("concat", "extent"), ("shared", "readout"),
+                                           ("concat", "readout")])
 def test_export_parity_and_runtime_greedy_equal_hf_generate(pointer_dirs, tmp_path, kv_cache,
                                                             joint, request):
     pytest.importorskip("onnxruntime")
@@ -144,7 +145,8 @@ def test_export_parity_and_runtime_greedy_equal_hf_generate(pointer_dirs, tmp_pa
     if joint is True:
         ptr = request.getfixturevalue("joint_dir")[0]
     elif joint:
-        ptr = request.getfixturevalue({"cells": "cell_keys_dir", "extent": "extent_dir"}[joint])
+        ptr = request.getfixturevalue({"cells": "cell_keys_dir", "extent": "extent_dir",
+                                       "readout": "readout_dir"}[joint])
     else:
         ptr = pointer_dirs[1]
     manifest = export_vlm(ptr, tmp_path / "stage", VlmExportOptions(
@@ -421,4 +423,87 @@ def test_extent_loss_reads_half_the_answer_box_in_cells(tmp_path):
         assert float(_extent_loss(model, last, batch, collator, "lpr")) > 0.4
     for bad in ({"stage": "gse"}, {"model_class": "stock"}):
         with pytest.raises(InputError, match="extent-weight"):
+            SftConfig(out_dir=str(tmp_path / "x"), **{**base, **bad})
+
+
+@pytest.fixture(scope="module")
+def readout_dir(pointer_dirs, tmp_path_factory):
+    """The pointer checkpoint with a readout: outputs unchanged when added, then set to large
+    random values that move the logits of the words (not only the coordinates)."""
+    from finers_rt.export.pointer import add_pointer, load_vlm, readout_dims
+
+    _, ptr = pointer_dirs
+    out = add_pointer(ptr, tmp_path_factory.mktemp("readout") / "readout", readout=4)
+    assert readout_dims(out) == 4 and readout_dims(ptr) == 0
+    inputs = _prompt_inputs(ptr, _image())
+    source, model = load_vlm(ptr, dtype=torch.float32).eval(), load_vlm(out, dtype=torch.float32).eval()
+    head = model.pointer
+    assert head.num_cells == head.head_dim - 4 and head.readout_start == head.head_dim - 4
+    words = torch.ones(model.config.text_config.vocab_size, dtype=torch.bool)
+    words[torch.tensor(model.config.finers_pointer["coord_token_ids"])] = False
+    with torch.no_grad():
+        before = source(**inputs).logits
+        added = model(**inputs).logits
+        torch.testing.assert_close(added[..., words], before[..., words], rtol=1e-5, atol=1e-5)
+        # coordinates: the same up to this test model's random shifts (tens of cells), which
+        # push mass past the grid's edge where 4 fewer cells cut it off differently
+        torch.testing.assert_close(added, before, rtol=1e-3, atol=1e-3)
+        for layer in (head.readout, head.readout_scale, head.readout_out):
+            for p in layer.parameters():  # moderate: the export's parity tolerance is absolute
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+        moved = model(**inputs).logits
+    assert (moved - before)[..., words].abs().max() > 0.1
+    model.save_pretrained(str(out), safe_serialization=True)
+    # dropping it again gives the source's cells back (and its outputs)
+    back = add_pointer(out, tmp_path_factory.mktemp("readout") / "dropped", readout=0)
+    assert readout_dims(back) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(load_vlm(back, dtype=torch.float32).eval()(**inputs).logits,
+                                   before, rtol=1e-4, atol=1e-4)
+    return out
+
+
+def test_readout_attends_the_target_while_the_response_is_written(tmp_path):
+    from finers_rt.export.checkpoints import load_reference
+    from finers_rt.export.pointer import readout_dims
+    from finers_rt.train.batch import Collator
+    from finers_rt.train.data import SampleCache, build_cache
+    from finers_rt.train.sft import (SftConfig, _readout_loss, response_positions, stage_example,
+                                     train_sft)
+
+    cache = build_cache(tmp_path / "cache", seed=3, n_scenes=2, sizes=SIZES, lpr_crops=1)
+    base = dict(stage="lpr", cache_dir=str(cache), init="test", steps=2, batch_size=2, lr=3e-3,
+                warmup=1, save_every=2, log_every=1, seed=1, model_class="pointer",
+                readout_weight=1.0, readout_dims=4)
+    out = tmp_path / "run"
+    train_sft(SftConfig(out_dir=str(out), **base), log=lambda m: None)
+    assert readout_dims(out / "checkpoint") == 4
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(r["readout"] > 0 for r in log)
+    model, processor = load_reference(out / "checkpoint")
+    collator, data = Collator(processor), SampleCache(cache)
+    rows = [stage_example(data, "lpr", i) for i in range(2)]
+    batch = collator(*[list(col) for col in zip(*rows)])
+    # the positions that write the response value, and nothing else
+    mask = response_positions(batch.labels, collator)
+    for b in range(2):
+        written = collator.tokenizer.decode(batch.labels[b, 1:][mask[b]].tolist())
+        response = data.entries[b]["record"]["A"] if data.entries[b]["record"]["Q-type"] != \
+            "referring" else "The object is found"
+        assert written.strip().rstrip(".") == str(response).rstrip(".")
+    # -log attention on the target: small when the pointer looks at it, large when it does not
+    model.train()
+    with torch.no_grad():
+        model(**batch.model_inputs())
+        probs = model.pointer.last_probs
+        starts = batch.image_spans[:, 0] + batch.pointer_index
+        on = torch.full_like(probs, 1e-9)
+        for b in range(2):
+            on[b, :, :, starts[b]] = 1.0
+        model.pointer.last_probs = on
+        assert float(_readout_loss(model, batch, collator)) < 1e-3
+        model.pointer.last_probs = torch.full_like(probs, 1e-9)
+        assert float(_readout_loss(model, batch, collator)) > 10
+    for bad in ({"model_class": "stock"}, {"readout_dims": 0}, {"readout_weight": -1.0}):
+        with pytest.raises(InputError):
             SftConfig(out_dir=str(tmp_path / "x"), **{**base, **bad})

@@ -29,6 +29,11 @@ An "extent" pointer (settings `extent: true`) writes each token's learned extent
 width / height, in cells) into the last value slot of each axis, so the same attention also
 returns the attended token's extent; the learned shift adds extent_scale(h_t) times it, so a
 box edge can sit half the object's size from the cell the pointer found.
+A "readout" pointer (settings `readout: R`) writes each token's learned readout(h_i) (R values
+per axis head) into the R value slots before the extent's, so the same attention also returns
+the attended token's readout r_t; every non-coordinate logit then gets
+readout_out(r_t * readout_scale(h_t)): the answer's words can read what the token the pointer
+attends holds (the target's colour), not only where it is.
 The HF config carries a `finers_pointer` dict; stock checkpoints (no dict) load the stock class.
 """
 
@@ -53,11 +58,13 @@ POINTER_EPS = 1e-6
 
 def pointer_settings(coord_ids_values: dict[int, int], cell_px: int, max_value: int,
                      joint: bool = False, cell_keys: bool = False,
-                     extent: bool = False) -> dict[str, Any]:
+                     extent: bool = False, readout: int = 0) -> dict[str, Any]:
     """The `finers_pointer` config dict for a tokenizer's coordinate tokens {id: value};
     `joint`: one attention (shared key and query) for both axes; `cell_keys`: every token's
     pointer key also gets a learned vector of its column and one of its row; `extent`: every
-    token's pointer value also carries a learned extent (see `PointerHead`)."""
+    token's pointer value also carries a learned extent; `readout`: that many value slots per
+    axis carry a learned readout of the token, read out into the words' logits (see
+    `PointerHead`)."""
     ids = sorted(coord_ids_values)
     out = {"version": 1, "coord_token_ids": ids,
            "coord_values": [int(coord_ids_values[i]) for i in ids],
@@ -67,6 +74,8 @@ def pointer_settings(coord_ids_values: dict[int, int], cell_px: int, max_value: 
         out["cell_keys"] = True
     if extent:
         out["extent"] = True
+    if readout:
+        out["readout"] = int(readout)
     return out
 
 
@@ -131,6 +140,25 @@ class PointerHead(nn.Module):
             self.num_cells = min(self.num_cells, head_dim - 1)
             self.extent = nn.Linear(hidden, 2)
             self.extent_scale = nn.Linear(hidden, 2)
+        # optional learned readout ("readout": R): every token's value also holds readout(h_i),
+        # R slots per axis head just before the extent's slot (so R fewer slots for cells);
+        # the attention returns the attended token's readout r_t, and every non-coordinate
+        # logit gets readout_out(r_t * readout_scale(h_t)): the response's words can say what
+        # the attended token holds (its colour, shape, pattern), the way the coordinates say
+        # where it is. readout_out starts at zero (outputs unchanged when it is added).
+        self.readout = self.readout_scale = self.readout_out = None
+        self.readout_dims = int(settings.get("readout", 0) or 0)
+        tail = 1 if self.extent is not None else 0
+        if self.readout_dims:
+            r = self.readout_dims
+            if r < 1 or head_dim - tail - r < 2:
+                raise ArtifactError(f"pointer readout of {r} slots does not fit a value of "
+                                    f"{head_dim} slots")
+            self.num_cells = min(self.num_cells, head_dim - tail - r)
+            self.readout = nn.Linear(hidden, 2 * r)
+            self.readout_scale = nn.Linear(hidden, 2 * r)
+            self.readout_out = nn.Linear(2 * r, vocab_size, bias=False)
+        self.readout_start = head_dim - tail - self.readout_dims
         # optional learned key term per column and per row of a token's cell ("cell_keys"):
         # the key then says where the token is, not only what its state holds, so a query can
         # ask for "the top-left of the image" (cell_key[0] = columns, cell_key[1] = rows)
@@ -189,6 +217,10 @@ def pointer_kv(head: PointerHead, hidden: torch.Tensor, position_ids: torch.Tens
     values = ((cells[..., None] == head.slots) & head.cell_slots).to(hidden.dtype)
     if head.extent is not None:  # [B, S, 2, D]: the last slot of each axis holds the extent
         values = values + head.extent(hidden)[..., None] * head.extent_slot
+    if head.readout is not None:  # R slots per axis, from readout_start
+        r = head.readout_dims
+        ro = head.readout(hidden).view(bsz, seq, 2, r)
+        values = values + F.pad(ro, (head.readout_start, head.head_dim - head.readout_start - r))
     pad = head.num_kv_heads - 2
     if pad:
         keys = torch.cat([keys, keys.new_zeros(bsz, seq, pad, head.head_dim)], dim=2)
@@ -211,11 +243,16 @@ def pointer_axis_probs(head: PointerHead, hidden: torch.Tensor, keys: torch.Tens
 
 
 def split_pointer_output(head: PointerHead, out: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The pointer attention's output [B, 2, S, D] -> (p_axis [B, 2, S, C], the attended
-    extent [B, 2, S], or None for a pointer without one)."""
+    extent [B, 2, S], the attended readout [B, S, 2R]; None for a pointer without one)."""
     extent = out[..., head.head_dim - 1] if head.extent is not None else None
-    return out[..., :head.num_cells], extent
+    readout = None
+    if head.readout is not None:
+        r, start = head.readout_dims, head.readout_start
+        part = out[..., start:start + r]  # [B, 2, S, R]
+        readout = part.permute(0, 2, 1, 3).reshape(out.shape[0], out.shape[2], 2 * r)
+    return out[..., :head.num_cells], extent, readout
 
 
 def pointer_attention(head: PointerHead, hidden: torch.Tensor, keys: torch.Tensor,
@@ -228,14 +265,19 @@ def pointer_attention(head: PointerHead, hidden: torch.Tensor, keys: torch.Tenso
     probs = torch.softmax(scores, dim=-1)
     if head.training and head.joint:
         head.last_token_probs = probs[:, 0]  # [B, S, T], for the training-only joint loss
+    if head.training and head.readout is not None:
+        head.last_probs = probs  # [B, 2, S, T], for the training-only readout attention loss
     return torch.matmul(probs, values[:, :, 0:2, :].transpose(1, 2))
 
 
 def pointer_bonus(head: PointerHead, hidden: torch.Tensor, p_axis: torch.Tensor,
-                  extent: torch.Tensor | None = None) -> torch.Tensor:
+                  extent: torch.Tensor | None = None,
+                  readout: torch.Tensor | None = None) -> torch.Tensor:
     """hidden [B, S, H], p_axis [B, 2, S, C], extent [B, 2, S] (the attended extent; pointers
-    with one) -> the additive logits [B, S, V] (coordinates only):
-    g_x * log(p_col . W[v] + eps) + g_y * log(p_row . W[v] + eps), after the learned shift."""
+    with one), readout [B, S, 2R] (the attended readout; pointers with one) -> the additive
+    logits [B, S, V]: on coordinates
+    g_x * log(p_col . W[v] + eps) + g_y * log(p_row . W[v] + eps), after the learned shift;
+    on every other token (readout pointers) readout_out(readout * readout_scale(hidden))."""
     if head.shift is not None:
         shift = head.shift(hidden)  # [B, S, 2]
         if head.extent is not None:
@@ -245,15 +287,20 @@ def pointer_bonus(head: PointerHead, hidden: torch.Tensor, p_axis: torch.Tensor,
         head.last_axis_probs = p_axis  # for the training-only dense axis loss
     logp = torch.log(torch.matmul(p_axis, head.cell_map) + head.eps)  # [B, 2, S, V]
     gates = F.softplus(head.gate(hidden)).permute(2, 0, 1)[..., None]  # [2, B, S, 1]
-    return (gates[0] * logp[:, 0] + gates[1] * logp[:, 1]) * head.coord_mask
+    bonus = (gates[0] * logp[:, 0] + gates[1] * logp[:, 1]) * head.coord_mask
+    if head.readout is not None:
+        words = head.readout_out(readout * head.readout_scale(hidden))  # [B, S, V]
+        bonus = bonus + words * (1.0 - head.coord_mask)
+    return bonus
 
 
 def pointer_logits(head: PointerHead, hidden: torch.Tensor, base_logits: torch.Tensor,
                    keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """hidden [B, S, H] (final normed), base_logits [B, S, V], keys/values [B, T, KV, D] (all
     cached + new pointer K/V), mask additive [B, 1, S, T] -> logits [B, S, V]."""
-    p_axis, extent = split_pointer_output(head, pointer_attention(head, hidden, keys, values, mask))
-    return base_logits + pointer_bonus(head, hidden, p_axis, extent)
+    p_axis, extent, readout = split_pointer_output(
+        head, pointer_attention(head, hidden, keys, values, mask))
+    return base_logits + pointer_bonus(head, hidden, p_axis, extent, readout)
 
 
 def shift_cells(p_axis: torch.Tensor, shift: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -378,6 +425,11 @@ def has_extent(hf_dir: str | Path) -> bool:
     return bool(_settings_of(hf_dir).get("extent", False))
 
 
+def readout_dims(hf_dir: str | Path) -> int:
+    """How many value slots per axis the HF folder's pointer readout has (0: none)."""
+    return int(_settings_of(hf_dir).get("readout", 0) or 0)
+
+
 def model_class_for(hf_dir: str | Path):
     """FinersPointerQwen2_5_VL for pointer checkpoints, the stock HF class otherwise."""
     return FinersPointerQwen2_5_VL if has_pointer(hf_dir) else Qwen2_5_VLForConditionalGeneration
@@ -390,7 +442,8 @@ def load_vlm(hf_dir: str | Path, **kwargs):
 
 def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = None,
                 joint: bool | None = None, seed: dict[str, torch.Tensor] | None = None,
-                cell_keys: bool | None = None, extent: bool | None = None) -> Path:
+                cell_keys: bool | None = None, extent: bool | None = None,
+                readout: int | None = None) -> Path:
     """Write `src_dir` (a finers-tiny-style checkpoint with coordinate tokens) as a pointer
     checkpoint at `out_dir` with the current pointer settings: same weights, fresh weights for
     the pointer parts the source lacks (all of them for a stock checkpoint; the shift for a
@@ -401,7 +454,9 @@ def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = 
     `batch.PointerHead`, which scores image tokens the same way), used where its shapes fit.
     `cell_keys`: add (True, zero-initialised) or drop (False) the learned per-cell key terms;
     None keeps the source's. `extent`: add (True, zero-initialised, so the model's outputs
-    are unchanged) or drop (False) the learned extent; None keeps the source's."""
+    are unchanged) or drop (False) the learned extent; None keeps the source's. `readout`: give
+    the pointer a readout of that many slots per axis (its output projection zero, so the
+    outputs are unchanged), 0 drops it, None keeps the source's."""
     from transformers import AutoConfig, AutoTokenizer
 
     from finers_rt.train.checkpoint import copy_processor_files
@@ -423,15 +478,21 @@ def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = 
     cell_keys = had_cells if cell_keys is None else bool(cell_keys)
     had_extent = bool(old.get("extent", False))
     extent = had_extent if extent is None else bool(extent)
-    if extent != had_extent and had_cells and cell_keys:
-        raise ArtifactError("adding or dropping the pointer extent changes the number of cells "
-                            "the learned per-cell key terms cover: not supported on a checkpoint "
-                            "with cell keys")
+    had_readout = int(old.get("readout", 0) or 0)
+    readout = had_readout if readout is None else int(readout)
+    if readout < 0:
+        raise ArtifactError(f"pointer readout slots must be >= 0, got {readout}")
+    if (extent != had_extent or readout != had_readout) and had_cells and cell_keys:
+        raise ArtifactError("adding or dropping the pointer extent or readout changes the number "
+                            "of cells the learned per-cell key terms cover: not supported on a "
+                            "checkpoint with cell keys")
     setattr(config, POINTER_KEY, pointer_settings(coords, cell_px, COORD_MAX, joint=joint,
-                                                  cell_keys=cell_keys, extent=extent))
+                                                  cell_keys=cell_keys, extent=extent,
+                                                  readout=readout))
     # a kind switch changes the key / query shapes: those two start fresh (or from `seed`)
-    model = FinersPointerQwen2_5_VL.from_pretrained(str(src), config=config, dtype=torch.float32,
-                                                    ignore_mismatched_sizes=switched)
+    model = FinersPointerQwen2_5_VL.from_pretrained(
+        str(src), config=config, dtype=torch.float32,
+        ignore_mismatched_sizes=switched or readout != had_readout)
     if cell_keys and not had_cells:  # new parameters: zero, whatever the loader left there
         with torch.no_grad():
             model.pointer.cell_key.zero_()
@@ -440,6 +501,14 @@ def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = 
             for layer in (model.pointer.extent, model.pointer.extent_scale):
                 layer.weight.zero_()
                 layer.bias.zero_()
+    if readout and readout != had_readout:  # new (or resized): the words' logits unchanged
+        with torch.no_grad():
+            head = model.pointer
+            head.readout_out.weight.zero_()
+            head.readout_scale.weight.zero_()
+            head.readout_scale.bias.fill_(1.0)
+            torch.nn.init.normal_(head.readout.weight, std=0.02)
+            head.readout.bias.zero_()
     if seed is not None and joint:
         head = model.pointer
         with torch.no_grad():
@@ -509,7 +578,7 @@ class SharedKvPointerStep(SharedKvDecoderStep):
             past[2 * self.num_layers], past[2 * self.num_layers + 1], seqlens_k, total, kv, kv,
             float(dim ** -0.5))
         last = out[:, -1, :2 * dim].reshape(bsz, 2, 1, dim)  # heads 0 / 1 (x, y), last position
-        p_axis, extent = split_pointer_output(self.pointer, last)
+        p_axis, extent, readout = split_pointer_output(self.pointer, last)
         h_last = hidden[:, -1:, :]
-        logits = self.lm_head(h_last) + pointer_bonus(self.pointer, h_last, p_axis, extent)
+        logits = self.lm_head(h_last) + pointer_bonus(self.pointer, h_last, p_axis, extent, readout)
         return (logits[:, 0, :], *present, present_k, present_v)

@@ -96,6 +96,15 @@ class Collator:
                      torch.tensor(pointer, dtype=torch.long), torch.tensor(spans, dtype=torch.long),
                      torch.tensor(answer_pos, dtype=torch.long))
 
+    def quote_token_ids(self) -> set[int]:
+        """Ids of the vocabulary tokens that contain a single quote (the one that closes a
+        response value is among them)."""
+        if getattr(self, "_quote_ids", None) is None:
+            vocab = self.tokenizer.get_vocab()
+            self._quote_ids = {i for t, i in vocab.items()
+                               if "'" in self.tokenizer.convert_tokens_to_string([t])}
+        return self._quote_ids
+
     def pad(self, rows: list[list[int]], label_rows: list[list[int]]
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded (input_ids, attention_mask, labels) [B, max len] of token rows."""

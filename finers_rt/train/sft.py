@@ -88,6 +88,8 @@ class SftConfig:
     tie_weight: float = 0.0
     read_attention: float = 0.0
     extent_weight: float = 0.0
+    readout_weight: float = 0.0
+    readout_dims: int = 16
     read_attention_layer: int = 0
     read_attention_head: int = 0
     tie_coords: int = 1
@@ -144,6 +146,13 @@ class SftConfig:
             raise InputError("--extent-weight trains the in-model pointer's extent on the answer "
                              "box: stage lpr with --model-class pointer (GSE's box is a "
                              "fixed-size region), without --blank-image")
+        if self.readout_weight < 0:
+            raise InputError(f"readout weight must be >= 0, got {self.readout_weight}")
+        if self.readout_weight > 0 and (self.model_class != "pointer" or self.blank_image):
+            raise InputError("--readout-weight trains the in-model pointer's readout on the "
+                             "answer's response: --model-class pointer, without --blank-image")
+        if not 1 <= self.readout_dims <= 32:
+            raise InputError(f"--readout-dims must be in [1, 32], got {self.readout_dims}")
         if self.read_attention < 0:
             raise InputError(f"read-attention weight must be >= 0, got {self.read_attention}")
         if self.read_attention > 0 and self.questions_per_image > 1:
@@ -437,7 +446,7 @@ def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0, log: Callable[[str
     """(model, processor, source folder of the processor files, resumed state or None)."""
     from finers_rt.export.checkpoints import load_processor
     from finers_rt.export.pointer import (add_pointer, has_cell_keys, has_extent, has_pointer,
-                                          is_joint, load_vlm)
+                                          is_joint, load_vlm, readout_dims)
     from finers_rt.train.model import MODEL_CONFIGS, make_initial_checkpoint
 
     state_path = run_dir / "trainer_state.pt"
@@ -462,14 +471,17 @@ def build_model(cfg: SftConfig, run_dir: Path, rank: int = 0, log: Callable[[str
     needs_joint = cfg.joint_pointer and not is_joint(src)
     needs_cells = cfg.tie_weight > 0 and not has_cell_keys(src)
     needs_extent = cfg.extent_weight > 0 and not has_extent(src)
-    if state is None and (needs_pointer or needs_joint or needs_cells or needs_extent):
+    needs_readout = cfg.readout_weight > 0 and not readout_dims(src)
+    if state is None and (needs_pointer or needs_joint or needs_cells or needs_extent
+                          or needs_readout):
         stock, src = src, run_dir / "init_pointer"
         if rank == 0 and not (src / "config.json").is_file():
             torch.manual_seed(cfg.seed)
             seed = joint_seed(stock, log) if needs_joint else None
             add_pointer(stock, src, joint=True if cfg.joint_pointer else None, seed=seed,
                         cell_keys=True if needs_cells else None,
-                        extent=True if needs_extent else None)
+                        extent=True if needs_extent else None,
+                        readout=cfg.readout_dims if needs_readout else None)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     model = load_vlm(src, dtype=torch.float32, attn_implementation="sdpa")
@@ -527,6 +539,10 @@ def train_sft(cfg: SftConfig, log: Callable[[str], None] = print) -> dict[str, A
         fast |= {id(p) for p in reading.routed_parameters(model, cfg.read_attention_layer)}
     if cfg.extent_weight > 0:  # new and read out like the heads (the extent's scale started at 0)
         fast |= {id(p) for layer in (model.pointer.extent, model.pointer.extent_scale)
+                 for p in layer.parameters()}
+    if cfg.readout_weight > 0:  # new, and read out like the heads
+        head = model.pointer
+        fast |= {id(p) for layer in (head.readout, head.readout_scale, head.readout_out)
                  for p in layer.parameters()}
     if fast:
         head_params += [p for p in model_params if id(p) in fast]
@@ -683,6 +699,9 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
     extent_loss = zero
     if cfg.extent_weight > 0:
         extent_loss = _extent_loss(hf_model, last, batch, collator, cfg.stage)
+    readout_loss = zero
+    if cfg.readout_weight > 0:
+        readout_loss = _readout_loss(hf_model, batch, collator)
     tie_key = tie_query = zero
     if cfg.tie_weight > 0:
         tie_key, tie_query = _tie_losses(hf_model.pointer, batch, images, last_img, last, slots,
@@ -697,7 +716,8 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
             + cfg.query_weight * query_loss
             + cfg.tie_weight * (tie_key + tie_query)
             + cfg.read_attention * (read_loss + read_value)
-            + cfg.extent_weight * extent_loss)
+            + cfg.extent_weight * extent_loss
+            + cfg.readout_weight * readout_loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if world > 1:  # the heads are outside DDP: average their gradients by hand
@@ -712,7 +732,7 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
             "dense": dense_loss.item(),
             "query": query_loss.item(), "tie_key": tie_key.item(), "tie_query": tie_query.item(),
             "read": read_loss.item(), "read_value": read_value.item(),
-            "extent": extent_loss.item()}
+            "extent": extent_loss.item(), "readout": readout_loss.item()}
 
 
 def _extent_loss(model, last: torch.Tensor, batch, collator: Collator, stage: str) -> torch.Tensor:
@@ -732,6 +752,49 @@ def _extent_loss(model, last: torch.Tensor, batch, collator: Collator, stage: st
     target = (values[:, 2:] - values[:, :2]) / (2.0 * cell_px)  # half width / height, cells
     token = batch.image_spans[rows, 0] + batch.pointer_index[rows]
     return F.smooth_l1_loss(head.extent(last[rows, token]), target)
+
+
+def response_positions(labels: torch.Tensor, collator: Collator) -> torch.Tensor:
+    """[B, S - 1] bool: the positions whose next target token is part of the answer's
+    `response` value: the tokens after the last "':" of the answer (the response key is the
+    answer's last) and its opening quote, up to the first token holding the closing quote."""
+    tok = collator.tokenizer
+    key_end = tok.convert_tokens_to_ids("':")
+    targets = labels[:, 1:]
+    out = torch.zeros(targets.shape, dtype=torch.bool, device=labels.device)
+    quote_ids = collator.quote_token_ids()
+    for b in range(targets.shape[0]):
+        row = targets[b].tolist()
+        ends = [j for j, t in enumerate(row) if t == key_end]
+        if not ends:
+            continue
+        j = ends[-1] + 2  # past "':" and the opening quote token
+        while j < len(row) and row[j] >= 0 and row[j] not in quote_ids:
+            out[b, j] = True
+            j += 1
+    return out
+
+
+def _readout_loss(model, batch, collator: Collator) -> torch.Tensor:
+    """Attention supervision of the in-model pointer's readout: at every position that writes
+    a token of the response, -log of the pointer's attention (both axis heads) on the target's
+    image token, so the readout the words read is the target's. 0 without such positions."""
+    head = model.pointer
+    probs = getattr(head, "last_probs", None)  # [B, 2, S, T]
+    if probs is None:
+        return torch.zeros((), device=batch.labels.device)
+    if isinstance(batch, shared_prefix.SharedBatch):  # the prefix (image) rows come first in T
+        starts = batch.prefix.image_spans[batch.owner, 0]
+    else:
+        starts = batch.image_spans[:, 0]
+    mask = response_positions(batch.labels, collator)[:, :probs.shape[2]]
+    mask &= (batch.pointer_index >= 0)[:, None]
+    if not mask.any():
+        return probs.sum() * 0
+    b_idx, s_idx = mask.nonzero(as_tuple=True)
+    token = (starts + batch.pointer_index)[b_idx]
+    on_target = probs[b_idx, :, s_idx, token]  # [n, 2]
+    return -torch.log(on_target + head.eps).mean()
 
 
 def _tie_losses(head, batch, images, last_img: torch.Tensor, last: torch.Tensor,
@@ -858,6 +921,7 @@ def _log_progress(cfg: SftConfig, run_dir: Path, step: int, losses: dict[str, fl
         + (f", tie {rec['tie_key']:.3f}/{rec['tie_query']:.3f}" if cfg.tie_weight > 0 else "")
         + (f", read {rec['read']:.3f}/{rec['read_value']:.3f}" if cfg.read_attention > 0 else "")
         + (f", extent {rec['extent']:.3f}" if cfg.extent_weight > 0 else "")
+        + (f", readout {rec['readout']:.3f}" if cfg.readout_weight > 0 else "")
         + ") "
         f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
 
