@@ -479,7 +479,7 @@ def test_readout_attends_the_target_while_the_response_is_written(tmp_path):
     train_sft(SftConfig(out_dir=str(out), **base), log=lambda m: None)
     assert readout_dims(out / "checkpoint") == 4
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert all(r["readout"] > 0 for r in log)
+    assert all(r["readout"] > 0 and r["response"] > 0 for r in log)
     model, processor = load_reference(out / "checkpoint")
     collator, data = Collator(processor), SampleCache(cache)
     rows = [stage_example(data, "lpr", i) for i in range(2)]

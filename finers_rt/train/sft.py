@@ -699,9 +699,10 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
     extent_loss = zero
     if cfg.extent_weight > 0:
         extent_loss = _extent_loss(hf_model, last, batch, collator, cfg.stage)
-    readout_loss = zero
+    readout_loss = response_loss = zero
     if cfg.readout_weight > 0:
         readout_loss = _readout_loss(hf_model, batch, collator)
+        response_loss = _response_loss(out.logits, batch, collator)
     tie_key = tie_query = zero
     if cfg.tie_weight > 0:
         tie_key, tie_query = _tie_losses(hf_model.pointer, batch, images, last_img, last, slots,
@@ -717,7 +718,7 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
             + cfg.tie_weight * (tie_key + tie_query)
             + cfg.read_attention * (read_loss + read_value)
             + cfg.extent_weight * extent_loss
-            + cfg.readout_weight * readout_loss)
+            + cfg.readout_weight * (readout_loss + response_loss))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if world > 1:  # the heads are outside DDP: average their gradients by hand
@@ -732,7 +733,8 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
             "dense": dense_loss.item(),
             "query": query_loss.item(), "tie_key": tie_key.item(), "tie_query": tie_query.item(),
             "read": read_loss.item(), "read_value": read_value.item(),
-            "extent": extent_loss.item(), "readout": readout_loss.item()}
+            "extent": extent_loss.item(), "readout": readout_loss.item(),
+            "response": response_loss.item()}
 
 
 def _extent_loss(model, last: torch.Tensor, batch, collator: Collator, stage: str) -> torch.Tensor:
@@ -773,6 +775,15 @@ def response_positions(labels: torch.Tensor, collator: Collator) -> torch.Tensor
             out[b, j] = True
             j += 1
     return out
+
+
+def _response_loss(logits: torch.Tensor, batch, collator: Collator) -> torch.Tensor:
+    """CE of the response value's tokens alone (in the text CE they are ~1 token in 60, so
+    their gradient is diluted that much). 0 without such tokens."""
+    mask = response_positions(batch.labels, collator)
+    if not mask.any():
+        return logits.sum() * 0
+    return F.cross_entropy(logits[:, :-1][mask].float(), batch.labels[:, 1:][mask])
 
 
 def _readout_loss(model, batch, collator: Collator) -> torch.Tensor:
@@ -921,7 +932,8 @@ def _log_progress(cfg: SftConfig, run_dir: Path, step: int, losses: dict[str, fl
         + (f", tie {rec['tie_key']:.3f}/{rec['tie_query']:.3f}" if cfg.tie_weight > 0 else "")
         + (f", read {rec['read']:.3f}/{rec['read_value']:.3f}" if cfg.read_attention > 0 else "")
         + (f", extent {rec['extent']:.3f}" if cfg.extent_weight > 0 else "")
-        + (f", readout {rec['readout']:.3f}" if cfg.readout_weight > 0 else "")
+        + (f", readout {rec['readout']:.3f}, response {rec['response']:.3f}"
+           if cfg.readout_weight > 0 else "")
         + ") "
         f"lr {rec['lr']:.2e} {rate:.2f} it/s ETA {_hms(eta)}")
 
