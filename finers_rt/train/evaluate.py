@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from finers_rt import geometry
-from finers_rt.dataset import size_bucket
+from finers_rt.dataset import ATTRIBUTES, Q_TYPES, size_bucket
 from finers_rt.errors import InputError
 from finers_rt.parsing import parse_output, says_not_found
 from finers_rt.train import dense
@@ -153,16 +153,12 @@ def _eval_gse(model, collator, cache: SampleCache, i: int) -> dict[str, float]:
             **_answer_by_type(record, reward["answer"])}
 
 
-QUESTION_TYPES = ("option", "reasoning", "referring")
-ATTRIBUTES = ("colors", "shape", "position", "others")
-
-
 def _answer_by_type(record: dict[str, Any], correct: float) -> dict[str, float]:
     """`answer_<type>` for each question type and, for MCQ / open QA questions, `qa_<attribute>`
     for each attribute: `correct` for the record's own type / attribute, nan for the others (so
     each key's mean runs over the samples it names)."""
     qtype = record["Q-type"]
-    out = {f"answer_{t}": (float(correct) if qtype == t else float("nan")) for t in QUESTION_TYPES}
+    out = {f"answer_{t}": (float(correct) if qtype == t else float("nan")) for t in Q_TYPES}
     qa = qtype in ("option", "reasoning")
     out.update({f"qa_{a}": (float(correct) if qa and record.get("attribute") == a else float("nan"))
                 for a in ATTRIBUTES})
