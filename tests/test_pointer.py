@@ -501,9 +501,23 @@ def test_readout_attends_the_target_while_the_response_is_written(tmp_path):
         for b in range(2):
             on[b, :, :, starts[b]] = 1.0
         model.pointer.last_probs = on
-        assert float(_readout_loss(model, batch, collator)) < 1e-3
+        assert float(_readout_loss(model, batch, mask)) < 1e-3
         model.pointer.last_probs = torch.full_like(probs, 1e-9)
-        assert float(_readout_loss(model, batch, collator)) > 10
-    for bad in ({"model_class": "stock"}, {"readout_dims": 0}, {"readout_weight": -1.0}):
-        with pytest.raises(InputError):
+        assert float(_readout_loss(model, batch, mask)) > 10
+    for bad, message in (({"model_class": "stock"}, "--readout-weight trains"),
+                         ({"readout_dims": 0}, r"--readout-dims must be in \[1, 32\], got 0"),
+                         ({"readout_weight": -1.0}, "readout weight must be >= 0, got -1.0")):
+        with pytest.raises(InputError, match=message):
             SftConfig(out_dir=str(tmp_path / "x"), **{**base, **bad})
+
+    class NoKeyEnd:  # a tokenizer without the answer format's "':" token
+        unk_token_id = 0
+
+        def convert_tokens_to_ids(self, token):
+            return 0
+
+    class Stub:
+        tokenizer = NoKeyEnd()
+
+    with pytest.raises(InputError, match="\"':\" as one token"):
+        response_positions(torch.zeros(1, 4, dtype=torch.long), Stub())

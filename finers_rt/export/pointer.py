@@ -174,9 +174,8 @@ class PointerHead(nn.Module):
         self.register_buffer("cells", torch.arange(self.num_cells, dtype=torch.float32),
                              persistent=False)
         self.register_buffer("slots", torch.arange(head_dim, dtype=torch.float32), persistent=False)
-        # the value slots that hold cells, and the one that holds the extent (with "extent")
+        # the value slots that hold cells (the extent and the readout sit after them)
         self.register_buffer("cell_slots", self.slots < self.num_cells, persistent=False)
-        self.register_buffer("extent_slot", (self.slots == head_dim - 1).float(), persistent=False)
 
 
 def pointer_heads(head: PointerHead, projection: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
@@ -215,17 +214,21 @@ def pointer_kv(head: PointerHead, hidden: torch.Tensor, position_ids: torch.Tens
     if head.cell_key is not None:
         keys = keys + _read_tied(head, cell_key_terms(head, cells))[:, :, None, :]
     values = ((cells[..., None] == head.slots) & head.cell_slots).to(hidden.dtype)
-    if head.extent is not None:  # [B, S, 2, D]: the last slot of each axis holds the extent
-        values = values + head.extent(hidden)[..., None] * head.extent_slot
+    if head.extent is not None:  # the last slot of each axis holds the extent
+        values = values + _in_slots(head, head.extent(hidden)[..., None], head.head_dim - 1)
     if head.readout is not None:  # R slots per axis, from readout_start
-        r = head.readout_dims
-        ro = head.readout(hidden).view(bsz, seq, 2, r)
-        values = values + F.pad(ro, (head.readout_start, head.head_dim - head.readout_start - r))
+        ro = head.readout(hidden).view(bsz, seq, 2, head.readout_dims)
+        values = values + _in_slots(head, ro, head.readout_start)
     pad = head.num_kv_heads - 2
     if pad:
         keys = torch.cat([keys, keys.new_zeros(bsz, seq, pad, head.head_dim)], dim=2)
         values = torch.cat([values, values.new_zeros(bsz, seq, pad, head.head_dim)], dim=2)
     return keys, values
+
+
+def _in_slots(head: PointerHead, part: torch.Tensor, start: int) -> torch.Tensor:
+    """part [B, S, 2, n] -> [B, S, 2, D]: zero except value slots start .. start + n - 1."""
+    return F.pad(part, (start, head.head_dim - start - part.shape[-1]))
 
 
 def cell_key_terms(head: PointerHead, cells: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ the target the assistant's answer followed by `<|im_end|>`. Only target tokens c
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields, is_dataclass
 
 import numpy as np
@@ -96,14 +97,12 @@ class Collator:
                      torch.tensor(pointer, dtype=torch.long), torch.tensor(spans, dtype=torch.long),
                      torch.tensor(answer_pos, dtype=torch.long))
 
-    def quote_token_ids(self) -> set[int]:
+    @functools.cached_property
+    def quote_token_ids(self) -> frozenset[int]:
         """Ids of the vocabulary tokens that contain a single quote (the one that closes a
         response value is among them)."""
-        if getattr(self, "_quote_ids", None) is None:
-            vocab = self.tokenizer.get_vocab()
-            self._quote_ids = {i for t, i in vocab.items()
-                               if "'" in self.tokenizer.convert_tokens_to_string([t])}
-        return self._quote_ids
+        to_text = self.tokenizer.convert_tokens_to_string
+        return frozenset(i for t, i in self.tokenizer.get_vocab().items() if "'" in to_text([t]))
 
     def pad(self, rows: list[list[int]], label_rows: list[list[int]]
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

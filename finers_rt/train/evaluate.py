@@ -87,7 +87,8 @@ def _means(rows: list[dict[str, float]]) -> dict[str, float]:
     out = {}
     for key in rows[0]:
         values = np.array([r[key] for r in rows], dtype=np.float64)
-        out[key] = float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
+        values = values[~np.isnan(values)]
+        out[key] = float(values.mean()) if values.size else float("nan")
     return out
 
 

@@ -701,8 +701,9 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
         extent_loss = _extent_loss(hf_model, last, batch, collator, cfg.stage)
     readout_loss = response_loss = zero
     if cfg.readout_weight > 0:
-        readout_loss = _readout_loss(hf_model, batch, collator)
-        response_loss = _response_loss(out.logits, batch, collator)
+        response = response_positions(batch.labels, collator)  # once for both terms
+        readout_loss = _readout_loss(hf_model, batch, response)
+        response_loss = _response_loss(out.logits, batch.labels, response)
     tie_key = tie_query = zero
     if cfg.tie_weight > 0:
         tie_key, tie_query = _tie_losses(hf_model.pointer, batch, images, last_img, last, slots,
@@ -762,9 +763,12 @@ def response_positions(labels: torch.Tensor, collator: Collator) -> torch.Tensor
     answer's last) and its opening quote, up to the first token holding the closing quote."""
     tok = collator.tokenizer
     key_end = tok.convert_tokens_to_ids("':")
+    if key_end is None or key_end == tok.unk_token_id:
+        raise InputError("finding the answer's response needs \"':\" as one token of the "
+                         "tokenizer (the FineRS answer format's key end); this tokenizer has none")
     targets = labels[:, 1:]
     out = torch.zeros(targets.shape, dtype=torch.bool, device=labels.device)
-    quote_ids = collator.quote_token_ids()
+    quote_ids = collator.quote_token_ids
     for b in range(targets.shape[0]):
         row = targets[b].tolist()
         ends = [j for j, t in enumerate(row) if t == key_end]
@@ -777,35 +781,40 @@ def response_positions(labels: torch.Tensor, collator: Collator) -> torch.Tensor
     return out
 
 
-def _response_loss(logits: torch.Tensor, batch, collator: Collator) -> torch.Tensor:
-    """CE of the response value's tokens alone (in the text CE they are ~1 token in 60, so
-    their gradient is diluted that much). 0 without such tokens."""
-    mask = response_positions(batch.labels, collator)
-    if not mask.any():
+def _response_loss(logits: torch.Tensor, labels: torch.Tensor, response: torch.Tensor
+                   ) -> torch.Tensor:
+    """CE of the response value's tokens alone (`response`: `response_positions`; in the text
+    CE they are ~1 token in 60, so their gradient is diluted that much). 0 without them."""
+    if not response.any():
         return logits.sum() * 0
-    return F.cross_entropy(logits[:, :-1][mask].float(), batch.labels[:, 1:][mask])
+    return F.cross_entropy(logits[:, :-1][response].float(), labels[:, 1:][response])
 
 
-def _readout_loss(model, batch, collator: Collator) -> torch.Tensor:
+def _readout_loss(model, batch, response: torch.Tensor) -> torch.Tensor:
     """Attention supervision of the in-model pointer's readout: at every position that writes
-    a token of the response, -log of the pointer's attention (both axis heads) on the target's
-    image token, so the readout the words read is the target's. 0 without such positions."""
+    a token of the response (`response`: `response_positions`), -log of the pointer's
+    attention (both axis heads) on the target's image token, so the readout the words read
+    is the target's. 0 without such positions."""
     head = model.pointer
     probs = getattr(head, "last_probs", None)  # [B, 2, S, T]
     if probs is None:
         return torch.zeros((), device=batch.labels.device)
-    if isinstance(batch, shared_prefix.SharedBatch):  # the prefix (image) rows come first in T
-        starts = batch.prefix.image_spans[batch.owner, 0]
-    else:
-        starts = batch.image_spans[:, 0]
-    mask = response_positions(batch.labels, collator)[:, :probs.shape[2]]
-    mask &= (batch.pointer_index >= 0)[:, None]
+    mask = response[:, :probs.shape[2]] & (batch.pointer_index >= 0)[:, None]
     if not mask.any():
         return probs.sum() * 0
     b_idx, s_idx = mask.nonzero(as_tuple=True)
-    token = (starts + batch.pointer_index)[b_idx]
-    on_target = probs[b_idx, :, s_idx, token]  # [n, 2]
+    on_target = probs[b_idx, :, s_idx, _target_tokens(batch)[b_idx]]  # [n, 2]
     return -torch.log(on_target + head.eps).mean()
+
+
+def _target_tokens(batch) -> torch.Tensor:
+    """[B]: each question's target image token as an index into the pointer's keys (a shared
+    batch's prefix (image) rows come first in them)."""
+    if isinstance(batch, shared_prefix.SharedBatch):
+        starts = batch.prefix.image_spans[batch.owner, 0]
+    else:
+        starts = batch.image_spans[:, 0]
+    return starts + batch.pointer_index
 
 
 def _tie_losses(head, batch, images, last_img: torch.Tensor, last: torch.Tensor,
@@ -882,17 +891,12 @@ def _joint_loss(model, batch, collator: Collator, cfg: SftConfig) -> torch.Tenso
     probs = getattr(head, "last_token_probs", None)  # [B, S, T]
     if probs is None or not head.joint:
         return torch.zeros((), device=batch.labels.device)
-    if isinstance(batch, shared_prefix.SharedBatch):  # the prefix (image) rows come first in T
-        starts = batch.prefix.image_spans[batch.owner, 0]
-    else:
-        starts = batch.image_spans[:, 0]
     mask = _coordinate_positions(batch.labels, collator, cfg.stage)[:, :probs.shape[1]]
     mask &= (batch.pointer_index >= 0)[:, None]
     if not mask.any():
         return probs.sum() * 0
     b_idx, s_idx = mask.nonzero(as_tuple=True)
-    token = (starts + batch.pointer_index)[b_idx]
-    return -torch.log(probs[b_idx, s_idx, token] + head.eps).mean()
+    return -torch.log(probs[b_idx, s_idx, _target_tokens(batch)[b_idx]] + head.eps).mean()
 
 
 def _axis_loss(model, batch, collator: Collator, cfg: SftConfig) -> torch.Tensor:
