@@ -112,12 +112,75 @@ def test_sft_with_the_tie_trains_keys_and_queries_and_adds_cell_keys(tmp_path):
     with pytest.raises(InputError, match="pointer width"):
         train_sft(SftConfig(**{**base, "init": "test", "out_dir": str(tmp_path / "narrow")}),
                   log=lambda m: None)
-    with pytest.raises(InputError, match="stage gse"):
-        SftConfig(**{**base, "stage": "lpr", "out_dir": str(tmp_path / "x")})
     with pytest.raises(InputError, match="tie-coords"):
         SftConfig(**{**base, "tie_coords": 5, "out_dir": str(tmp_path / "x")})
+    with pytest.raises(InputError, match="tie-coords"):
+        SftConfig(**{**base, "stage": "lpr", "tie_coords": 9, "out_dir": str(tmp_path / "x")})
     with pytest.raises(InputError, match="tie weight"):
         SftConfig(**{**base, "tie_weight": -1.0, "out_dir": str(tmp_path / "x")})
+
+
+def test_lpr_crop_labels_hold_the_objects_inside_the_crop_in_crop_fractions():
+    rows = [[0.10, 0.10, 0.20, 0.20, 1, 20, 30],   # inside the crop
+            [0.24, 0.24, 0.30, 0.30, 2, 21, 31],   # straddles its top-left corner
+            [0.60, 0.60, 0.70, 0.70, 3, 22, 32]]   # outside
+    out = dense.crop_rows(rows, (250, 250, 1250, 1250), (5000, 5000))
+    assert len(out) == 2
+    assert out[0] == pytest.approx([0.25, 0.25, 0.75, 0.75, 1, 20, 30])
+    assert out[1] == pytest.approx([0.95, 0.95, 1.0, 1.0, 2, 21, 31])
+    with pytest.raises(InputError, match="no pixels"):
+        dense.crop_rows(rows, (10, 10, 10, 20), (5000, 5000))
+
+
+def test_lpr_sft_with_the_tie_labels_the_crop_and_leaves_the_region_untied(tmp_path):
+    from finers_rt.export.pointer import has_cell_keys, is_joint
+    from finers_rt.train.data import SampleCache, build_cache
+    from finers_rt.train.model import make_initial_checkpoint
+    from finers_rt.train.sft import SftConfig, stage_object_rows, train_sft
+
+    folder = build_cache(tmp_path / "cache", seed=5, n_scenes=3, sizes=SIZES, lpr_crops=1,
+                         negative_crops=1)
+    cache = SampleCache(folder)
+    # every positive crop's labels hold its target, where the crop's GT box is
+    w, h = SIZES.lpr_size_wh
+    for i, entry in enumerate(cache.entries):
+        box = entry["lpr"][0]["box_stage"]
+        rows = stage_object_rows(cache, "lpr", i, 0)
+        centre = ((box[0] + box[2]) / 2 / w, (box[1] + box[3]) / 2 / h)
+        assert any(r[0] <= centre[0] <= r[2] and r[1] <= centre[1] <= r[3] for r in rows)
+        assert all(0.0 <= v <= 1.0 for r in rows for v in r[:4])
+        if cache.negative_count(i):
+            stage_object_rows(cache, "lpr", i, -1)  # a negative crop's rows come from its meta
+    init = make_initial_checkpoint(tmp_path / "tiny", "finers-tiny", seed=0)
+    out = tmp_path / "lpr"
+    train_sft(SftConfig(stage="lpr", cache_dir=str(folder), init=str(init), batch_size=4,
+                        lr=3e-3, warmup=1, save_every=2, log_every=1, seed=1,
+                        model_class="pointer", joint_pointer=True, tie_weight=1.0, tie_coords=8,
+                        negative_fraction=0.5, out_dir=str(out), steps=2), log=lambda m: None)
+    assert is_joint(out / "checkpoint") and has_cell_keys(out / "checkpoint")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(r["tie_key"] > 0 and r["tie_query"] > 0 for r in log)
+
+
+def test_the_lpr_tie_pushes_the_query_region_dims_to_zero(monkeypatch):
+    from types import SimpleNamespace
+
+    from finers_rt.train.sft import _tie_losses
+
+    head = SimpleNamespace(query=torch.nn.Linear(4, tie.TIE_DIMS, bias=False))
+    last = torch.randn(1, 6, 4)
+    batch = SimpleNamespace(query_labels=torch.tensor([[0, -1, -1]]),
+                            region_labels=torch.tensor([3]), answer_pos=torch.tensor([2]),
+                            cell_labels=None)
+    seen = []
+    monkeypatch.setattr(tie, "query_loss",
+                        lambda _h, _states, targets: seen.append(targets) or targets.sum())
+    for stage in ("gse", "lpr"):
+        _tie_losses(head, batch, batch, last, last, torch.tensor([[4]]), None, stage)
+    region = slice(tie.NUM_ATTRIBUTES, tie.TIE_DIMS)
+    assert float(seen[0][:, region].sum()) == 2 * tie.TIE_SCALE  # GSE: named region, 2 positions
+    assert float(seen[1][:, region].abs().sum()) == 0.0          # LPR: untied
+    assert float(seen[1][:, 0].sum()) == 2 * tie.TIE_SCALE       # the named colour still is
 
 
 def _agree_worker(rank: int, port: int, out) -> None:

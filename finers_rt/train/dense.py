@@ -1,4 +1,4 @@
-"""Dense per-region supervision for the GSE stage (training only, never exported).
+"""Dense per-region supervision of a stage image (training only, never exported).
 
 GSE must pick one tiny object among 35-70 in a scene; a single pointer target per question is
 a thin signal for a vision tower trained from scratch. Every scene also says, for each merged
@@ -74,6 +74,25 @@ def ensure_scene_objects(cache_dir: str | Path, log=None) -> dict[int, list[list
     tmp.write_text(json.dumps({str(k): v for k, v in table.items()}))
     tmp.replace(path)
     return table
+
+
+def crop_rows(rows: list[list[float]], crop_xyxy, scene_wh: tuple[int, int]) -> list[list[float]]:
+    """`object_rows` of a scene (fractions of the scene) -> the objects that overlap the crop
+    `crop_xyxy` (original pixels, half-open), in fractions of the crop, clipped to [0, 1]:
+    the rows `cell_targets` takes for an LPR crop."""
+    w, h = scene_wh
+    x1, y1, x2, y2 = (float(v) for v in crop_xyxy)
+    cw, ch = x2 - x1, y2 - y1
+    if cw <= 0 or ch <= 0:
+        raise InputError(f"crop {tuple(crop_xyxy)} has no pixels")
+    out = []
+    for fx1, fy1, fx2, fy2, *attrs in rows:
+        bx1, bx2 = (fx1 * w - x1) / cw, (fx2 * w - x1) / cw
+        by1, by2 = (fy1 * h - y1) / ch, (fy2 * h - y1) / ch
+        if bx2 <= 0 or by2 <= 0 or bx1 >= 1 or by1 >= 1:
+            continue
+        out.append([max(0.0, bx1), max(0.0, by1), min(1.0, bx2), min(1.0, by2), *attrs])
+    return out
 
 
 def cell_targets(rows: list[list[float]], grid_rc: tuple[int, int]) -> np.ndarray:

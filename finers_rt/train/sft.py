@@ -133,12 +133,12 @@ class SftConfig:
             raise InputError(f"negative fraction must be in [0, 1), got {self.negative_fraction}")
         if self.tie_weight < 0:
             raise InputError(f"tie weight must be >= 0, got {self.tie_weight}")
-        if self.tie_weight > 0 and (self.stage != "gse" or not self.joint_pointer):
-            raise InputError("--tie-weight ties the joint in-model pointer to the scene's "
-                             "per-cell labels: stage gse with --model-class pointer --joint-pointer")
-        if not 1 <= self.tie_coords <= COORDS_PER_ANSWER["gse"]:
-            raise InputError(f"--tie-coords must be in [1, {COORDS_PER_ANSWER['gse']}], "
-                             f"got {self.tie_coords}")
+        if self.tie_weight > 0 and not self.joint_pointer:
+            raise InputError("--tie-weight ties the joint in-model pointer to the stage image's "
+                             "per-cell labels: --model-class pointer --joint-pointer")
+        if not 1 <= self.tie_coords <= COORDS_PER_ANSWER[self.stage]:
+            raise InputError(f"--tie-coords must be in [1, {COORDS_PER_ANSWER[self.stage]}] "
+                             f"for stage {self.stage}, got {self.tie_coords}")
         if self.extent_weight < 0:
             raise InputError(f"extent weight must be >= 0, got {self.extent_weight}")
         if self.extent_weight > 0 and (self.stage != "lpr" or self.model_class != "pointer"
@@ -263,13 +263,26 @@ def sample_batch(cache: SampleCache, cfg: SftConfig, collator: Collator,
         batch.image_keys = torch.tensor([image_key(cache, cfg.stage, int(i), int(k))
                                          for i, k in zip(picks, crops)], dtype=torch.long)
     if cfg.dense_weight > 0 or (cfg.tie_weight > 0 and not cfg.blank_image):
-        batch.cell_labels = dense.batch_labels([cache.object_rows(int(i)) for i in picks],
-                                               batch.image_grid_thw, collator.vision.merge_size)
+        batch.cell_labels = dense.batch_labels(
+            [stage_object_rows(cache, cfg.stage, int(i), int(k)) for i, k in zip(picks, crops)],
+            batch.image_grid_thw, collator.vision.merge_size)
     if cfg.query_weight > 0 or cfg.tie_weight > 0 or cfg.read_attention > 0:
         batch.query_labels = question_labels(cache, [int(i) for i in picks])
     if cfg.tie_weight > 0 or cfg.read_attention > 0:
         batch.region_labels = region_labels(cache, [int(i) for i in picks])
     return batch
+
+
+def stage_object_rows(cache: SampleCache, stage: str, index: int, crop: int = 0
+                      ) -> list[list[float]]:
+    """The scene's objects in fractions of entry `index`'s stage image: the whole scene for
+    GSE, the objects inside LPR crop `crop` (negative crop k as -(k + 1)) for LPR."""
+    rows = cache.object_rows(index)
+    if stage == "gse":
+        return rows
+    meta = (cache.negative(index, -crop - 1)[1] if crop < 0
+            else cache.entries[index]["lpr"][crop])
+    return dense.crop_rows(rows, meta["crop_original"], cache.sizes.scene_size_wh)
 
 
 def blank_image(collator: Collator) -> np.ndarray:
@@ -707,7 +720,7 @@ def _train_step(train_model, heads, opt, params, batch, collator: Collator,
     tie_key = tie_query = zero
     if cfg.tie_weight > 0:
         tie_key, tie_query = _tie_losses(hf_model.pointer, batch, images, last_img, last, slots,
-                                         collator)
+                                         collator, cfg.stage)
     dense_loss = zero
     if cfg.dense_weight > 0 and images.cell_labels is not None:
         dense_loss = heads["dense"](last_img, images.image_spans, images.image_grid_thw,
@@ -818,13 +831,16 @@ def _target_tokens(batch) -> torch.Tensor:
 
 
 def _tie_losses(head, batch, images, last_img: torch.Tensor, last: torch.Tensor,
-                coords: torch.Tensor, collator: Collator) -> tuple[torch.Tensor, torch.Tensor]:
+                coords: torch.Tensor, collator: Collator, stage: str = "gse"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(key loss, query loss) of `tie`: the in-model pointer's key on the image tokens (and
     text tokens) of `images` when they carry cell labels (none with --blank-image), its query
     at the last prompt position and at the positions that write the answer's first
     coordinates (`coords` [B, K]: x1 only for K = 1, `--tie-coords`) of each question.
     `images` is the `Batch` holding the image tokens (`batch` itself, or a shared batch's
-    prefix); `last_img` / `last` the final normed states of those rows / of the question rows."""
+    prefix; `last_img` / `last` the final normed states of those rows / of the question rows.
+    For LPR the question's image region (of the whole scene) says nothing about the crop: the
+    query's region dims are pushed to 0 there."""
     zero = last.sum() * 0
     key = zero
     if images.cell_labels is not None:
@@ -836,7 +852,9 @@ def _tie_losses(head, batch, images, last_img: torch.Tensor, last: torch.Tensor,
         rows = torch.arange(last.shape[0], device=last.device)
         states = torch.cat([last[rows, batch.answer_pos]]
                            + [last[rows, coords[:, k]] for k in range(coords.shape[1])])
-        targets = tie.query_targets(batch.query_labels, batch.region_labels)
+        regions = (batch.region_labels if stage == "gse"
+                   else torch.full_like(batch.region_labels, -1))
+        targets = tie.query_targets(batch.query_labels, regions)
         query = tie.query_loss(head, states, targets.repeat(coords.shape[1] + 1, 1))
     return key, query
 

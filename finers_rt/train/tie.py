@@ -69,7 +69,7 @@ def check_head(head) -> None:
 
 def tied_parameters(head) -> list:
     """The in-model pointer parameters the tie supervises directly (key, query, per-cell key
-    terms); `train gse --tie-weight` trains them at --head-lr, like the training-only heads."""
+    terms); `train gse|lpr --tie-weight` trains them at --head-lr, like the training-only heads."""
     return [*head.key.parameters(), *head.query.parameters(), head.cell_key]
 
 
