@@ -388,6 +388,32 @@ def extent_dir(pointer_dirs, tmp_path_factory):
     return out
 
 
+def test_adding_the_extent_to_a_checkpoint_with_cell_keys_carries_the_cell_key_table(
+        pointer_dirs, tmp_path):
+    """The extent takes a value slot, so the per-cell key table covers one cell fewer: the
+    learned terms of the cells both tables cover are carried over, and on an image inside
+    them the outputs are unchanged."""
+    from finers_rt.export.pointer import add_pointer, has_cell_keys, has_extent, load_vlm
+
+    _, ptr = pointer_dirs
+    cells = add_pointer(ptr, tmp_path / "cells", joint=True, cell_keys=True)
+    model = load_vlm(cells, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.pointer.cell_key.copy_(torch.randn(model.pointer.cell_key.shape,
+                                                 generator=torch.Generator().manual_seed(3)))
+    model.save_pretrained(str(cells), safe_serialization=True)
+    out = add_pointer(cells, tmp_path / "extent", extent=True)
+    assert has_extent(out) and has_cell_keys(out)
+    grown = load_vlm(out, dtype=torch.float32).eval()
+    n = grown.pointer.num_cells
+    assert n == model.pointer.num_cells - 1
+    torch.testing.assert_close(grown.pointer.cell_key, model.pointer.cell_key[:, :n])
+    inputs = _prompt_inputs(ptr, _image())
+    with torch.no_grad():
+        torch.testing.assert_close(grown(**inputs).logits, model(**inputs).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_extent_loss_reads_half_the_answer_box_in_cells(tmp_path):
     from finers_rt.export.checkpoints import load_reference
     from finers_rt.export.pointer import has_extent

@@ -485,20 +485,26 @@ def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = 
     readout = had_readout if readout is None else int(readout)
     if readout < 0:
         raise ArtifactError(f"pointer readout slots must be >= 0, got {readout}")
-    if (extent != had_extent or readout != had_readout) and had_cells and cell_keys:
-        raise ArtifactError("adding or dropping the pointer extent or readout changes the number "
-                            "of cells the learned per-cell key terms cover: not supported on a "
-                            "checkpoint with cell keys")
+    # adding or dropping the extent or readout changes how many cells the value (and so the
+    # per-cell key table) covers: the learned table is carried over row by row
+    resized_cells = (extent != had_extent or readout != had_readout) and had_cells and cell_keys
+    old_cell_key = _saved_cell_key(src) if resized_cells else None
     setattr(config, POINTER_KEY, pointer_settings(coords, cell_px, COORD_MAX, joint=joint,
                                                   cell_keys=cell_keys, extent=extent,
                                                   readout=readout))
     # a kind switch changes the key / query shapes: those two start fresh (or from `seed`)
     model = FinersPointerQwen2_5_VL.from_pretrained(
         str(src), config=config, dtype=torch.float32,
-        ignore_mismatched_sizes=switched or readout != had_readout)
+        ignore_mismatched_sizes=switched or readout != had_readout or resized_cells)
     if cell_keys and not had_cells:  # new parameters: zero, whatever the loader left there
         with torch.no_grad():
             model.pointer.cell_key.zero_()
+    if old_cell_key is not None:  # the cells both tables cover keep their terms, new ones 0
+        with torch.no_grad():
+            table = model.pointer.cell_key
+            n = min(table.shape[1], old_cell_key.shape[1])
+            table.zero_()
+            table[:, :n] = old_cell_key[:, :n].to(table.dtype)
     if extent and not had_extent:
         with torch.no_grad():
             for layer in (model.pointer.extent, model.pointer.extent_scale):
@@ -525,6 +531,20 @@ def add_pointer(src_dir: str | Path, out_dir: str | Path, cell_px: int | None = 
     model.save_pretrained(str(out), safe_serialization=True)
     copy_processor_files(src, out)
     return out
+
+
+def _saved_cell_key(src: Path) -> torch.Tensor:
+    """The per-cell key table [2, C, D] saved in checkpoint folder `src`."""
+    from safetensors import safe_open
+
+    files = sorted(src.glob("*.safetensors"))
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name.endswith("pointer.cell_key"):
+                    return f.get_tensor(name)
+    raise ArtifactError(f"{src} says it has per-cell pointer keys but no saved "
+                        f"'pointer.cell_key' in {[p.name for p in files]}")
 
 
 def decoder_step_for(model, kv_cache: str = "shared"):
