@@ -838,7 +838,7 @@ def _tie_losses(head, batch, images, last_img: torch.Tensor, last: torch.Tensor,
     at the last prompt position and at the positions that write the answer's first
     coordinates (`coords` [B, K]: x1 only for K = 1, `--tie-coords`) of each question.
     `images` is the `Batch` holding the image tokens (`batch` itself, or a shared batch's
-    prefix; `last_img` / `last` the final normed states of those rows / of the question rows.
+    prefix); `last_img` / `last` the final normed states of those rows / of the question rows.
     For LPR the question's image region (of the whole scene) says nothing about the crop: the
     query's region dims are pushed to 0 there."""
     zero = last.sum() * 0
